@@ -1,0 +1,122 @@
+// An executable net: a graph of layers built from a NetSpec and its arrays.
+//
+//   auto weights = SafetensorsFile::Open(dir + "/weights.safetensors");
+//   auto net = Net::Create(spec, std::move(*weights));
+//   Execution exec = (*net)->NewExecution();
+//   NetInputs in; ... fill in.inputs[0] ...
+//   NetOutputs out;
+//   absl::Status s = (*net)->Run(in, &exec, &out);
+//
+// A Net is immutable once built and may be run from many threads at once,
+// each with its own Execution. An Execution holds the working memory of one
+// run and grows to the largest batch it has seen; reusing it makes later
+// runs allocate nothing.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/layer.h"
+#include "engine/safetensors.h"
+#include "engine/sequence_layout.h"
+#include "engine/value.h"
+#include "rnnserve/v1/net.pb.h"
+
+namespace rnnserve::engine {
+
+// A batch for one net input, instances in caller order.
+struct InputBatch {
+  // Elements per instance (1 for a VECTOR input).
+  std::vector<int64_t> lengths;
+  // TOKEN_SEQUENCE: all ids, instances concatenated.
+  std::vector<int32_t> tokens;
+  // VECTOR_SEQUENCE / VECTOR: all rows of `width` floats, concatenated.
+  std::vector<float> vectors;
+};
+
+struct NetInputs {
+  // One per net input, in NetSpec order.
+  std::vector<InputBatch> inputs;
+};
+
+// One net output for the whole batch, instances in caller order.
+struct OutputBatch {
+  bool sequence = false;
+  int64_t width = 0;
+  // Rows per instance: its length for a sequence output, else 1.
+  std::vector<int64_t> lengths;
+  // All rows, instances concatenated.
+  std::vector<float> values;
+};
+
+struct NetOutputs {
+  // One per net output, in NetSpec order.
+  std::vector<OutputBatch> outputs;
+};
+
+class Execution;
+
+class Net {
+ public:
+  // Builds the net and takes every array it names from `weights`.
+  // INVALID_ARGUMENT (or NOT_FOUND for a missing array) with a message naming
+  // the layer, input or array at fault: unknown layer type, dangling or
+  // duplicate names, a layer given input of the wrong kind, array shape or
+  // dtype mismatches, arrays in the file that no layer uses.
+  static absl::StatusOr<std::unique_ptr<Net>> Create(
+      const v1::NetSpec& spec, std::unique_ptr<SafetensorsFile> weights);
+
+  ~Net();
+
+  const v1::NetSpec& spec() const { return spec_; }
+  int64_t parameter_count() const;
+  // The type each net input accepts and each output produces.
+  const std::vector<PortType>& input_types() const { return input_types_; }
+  const std::vector<PortType>& output_types() const { return output_types_; }
+
+  Execution NewExecution() const;
+
+  // Runs the net on a batch. Checks the inputs first: INVALID_ARGUMENT when
+  // the batch is empty, a length is below 1, instance counts differ between
+  // inputs, a token id is outside [0, vocab_size), the float count is not
+  // lengths x width, or a value is NaN or infinite; the message names the
+  // input, the instance and the element. Nothing is computed on a bad batch.
+  absl::Status Run(const NetInputs& inputs, Execution* exec,
+                   NetOutputs* outputs) const;
+
+ private:
+  struct Node;
+  Net() = default;
+  absl::Status ValidateAndPack(const NetInputs& inputs, Execution* exec) const;
+
+  v1::NetSpec spec_;
+  std::vector<PortType> input_types_;
+  std::vector<PortType> output_types_;
+  std::vector<Node> nodes_;
+  // Node index (or -1 - input index) feeding each output.
+  std::vector<int> output_sources_;
+};
+
+// The working memory of one run. Movable, not copyable; one thread at a time.
+class Execution {
+ public:
+  Execution(Execution&&) = default;
+  Execution& operator=(Execution&&) = default;
+
+  const SequenceLayout& layout() const { return layout_; }
+
+ private:
+  friend class Net;
+  Execution() = default;
+
+  SequenceLayout layout_;
+  std::vector<Value> input_values_;
+  std::vector<Value> node_values_;
+  std::vector<LayerScratch> scratch_;
+};
+
+}  // namespace rnnserve::engine
