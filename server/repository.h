@@ -1,0 +1,93 @@
+// The model repository: a folder of models, each with a serving
+// configuration and numbered versions.
+//
+//   <root>/<model>/config.pbtxt           rnnserve.v1.ModelConfig (optional)
+//   <root>/<model>/<version>/net.pbtxt    rnnserve.v1.NetSpec
+//   <root>/<model>/<version>/weights.safetensors
+//
+// Every model folder is loaded at Create. A model that fails to load stays
+// listed with the reason and the others are served. Immutable after Create;
+// thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "engine/model.h"
+#include "rnnserve/v1/config.pb.h"
+
+namespace rnnserve::server {
+
+// The serving limits of a model, with defaults applied.
+struct ServingLimits {
+  int64_t max_sequence_length = 4096;
+  int32_t max_batch_size = 64;
+};
+
+// One loaded version, shared by every request that uses it.
+class ServedVersion {
+ public:
+  ServedVersion(int64_t version, std::unique_ptr<engine::Model> model);
+
+  int64_t version() const { return version_; }
+  const engine::Model& model() const { return *model_; }
+
+  // Hands out a reusable Execution (working memory); Release returns it.
+  // Thread-safe.
+  engine::Execution Acquire();
+  void Release(engine::Execution exec);
+
+ private:
+  const int64_t version_;
+  const std::unique_ptr<engine::Model> model_;
+  absl::Mutex mu_;
+  std::vector<engine::Execution> idle_ ABSL_GUARDED_BY(mu_);
+};
+
+struct ModelEntry {
+  std::string name;
+  v1::ModelConfig config;
+  ServingLimits limits;
+  // Served versions by number; empty when the model failed.
+  std::map<int64_t, std::shared_ptr<ServedVersion>> versions;
+  // Why the model is not served; empty when it is.
+  std::string failure;
+};
+
+class ModelRepository {
+ public:
+  struct Options {
+    // The repository folder.
+    std::string root;
+  };
+
+  // Scans `options.root` and loads every model. NOT_FOUND when the folder
+  // does not exist; individual model failures are recorded, not returned.
+  static absl::StatusOr<std::unique_ptr<ModelRepository>> Create(
+      const Options& options);
+
+  // All models, sorted by name.
+  const std::vector<ModelEntry>& models() const { return models_; }
+
+  // The entry named `name`: NOT_FOUND naming the known models otherwise.
+  absl::StatusOr<const ModelEntry*> Find(const std::string& name) const;
+
+  // A served version (0: the highest). NOT_FOUND for an unknown model or
+  // version, FAILED_PRECONDITION with the load error for a failed model.
+  absl::StatusOr<std::shared_ptr<ServedVersion>> Resolve(
+      const std::string& name, int64_t version) const;
+
+ private:
+  std::vector<ModelEntry> models_;
+};
+
+// Loads one model folder; exposed for tests.
+ModelEntry LoadModelFolder(const std::string& dir, const std::string& name);
+
+}  // namespace rnnserve::server
