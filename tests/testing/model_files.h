@@ -1,0 +1,63 @@
+// Writes model version folders for tests: a net description and its arrays.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "engine/safetensors.h"
+#include "gtest/gtest.h"
+
+namespace rnnserve::testing_util {
+
+struct Array {
+  std::string name;
+  std::vector<int64_t> shape;
+  std::vector<float> values;
+};
+
+// An array of uniform random values in [-scale, scale].
+inline Array RandomArray(const std::string& name, std::vector<int64_t> shape,
+                         std::mt19937* rng, float scale = 0.5f) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  std::uniform_real_distribution<float> dist(-scale, scale);
+  Array a{name, std::move(shape), std::vector<float>(n)};
+  for (float& v : a.values) v = dist(*rng);
+  return a;
+}
+
+inline void WriteText(const std::string& path, const std::string& text) {
+  std::filesystem::create_directories(
+      std::filesystem::path(path).parent_path());
+  std::ofstream(path) << text;
+}
+
+// Writes `dir`/net.pbtxt and `dir`/weights.safetensors.
+inline void WriteVersion(const std::string& dir, const std::string& net_pbtxt,
+                         const std::vector<Array>& arrays) {
+  WriteText(dir + "/net.pbtxt", net_pbtxt);
+  std::vector<engine::TensorToWrite> tensors;
+  for (const Array& a : arrays) {
+    tensors.push_back(
+        {a.name, engine::DType::kF32, a.shape,
+         std::string(reinterpret_cast<const char*>(a.values.data()),
+                     a.values.size() * sizeof(float))});
+  }
+  ASSERT_TRUE(
+      engine::WriteSafetensors(dir + "/weights.safetensors", tensors).ok());
+}
+
+// A fresh, empty folder under the test temp dir.
+inline std::string FreshDir(const std::string& name) {
+  const std::string dir = ::testing::TempDir() + "/" + name;
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+}  // namespace rnnserve::testing_util
