@@ -16,7 +16,8 @@ namespace {
 
 using cpu::FastSigmoid;
 using cpu::FastTanh;
-using cpu::GemmNT;
+using cpu::Gemm;
+using cpu::PackedWeights;
 
 std::string Describe(const v1::LayerSpec& spec) {
   return absl::StrFormat("layer '%s' (%s)", spec.name(), spec.type());
@@ -112,8 +113,9 @@ class LinearLayer : public Layer {
     auto layer = std::unique_ptr<LinearLayer>(
         new LinearLayer(spec, PortType{in.sequence, false, spec.size()}));
     layer->in_ = in.width;
-    ASSIGN_OR_RETURN(layer->weight_,
+    ASSIGN_OR_RETURN(Buffer<float> weight,
                      w->Take(ArrayName(spec, "weight"), {spec.size(), in.width}));
+    layer->weight_ = PackedWeights::Pack(weight.data(), spec.size(), in.width);
     ASSIGN_OR_RETURN(layer->bias_,
                      w->Take(ArrayName(spec, "bias"), {spec.size()}));
     layer->parameter_count_ = spec.size() * (in.width + 1);
@@ -124,15 +126,14 @@ class LinearLayer : public Layer {
            LayerScratch*) const override {
     const int64_t n = output_type_.width;
     out->Reshape(output_type_, in.rows);
-    GemmNT(in.rows, n, in_, 1.0f, in.data.data(), in_, weight_.data(), in_,
-           0.0f, out->data.data(), n);
+    Gemm(in.rows, in.data.data(), in_, weight_, out->data.data(), n, false);
     AddBias(out->data.data(), bias_.data(), in.rows, n);
   }
 
  private:
   using Layer::Layer;
   int64_t in_ = 0;
-  Buffer<float> weight_;
+  PackedWeights weight_;
   Buffer<float> bias_;
 };
 
@@ -247,8 +248,7 @@ class RecurrentLayer : public Layer {
     // Input projection of all rows, with the biases that can be folded in.
     Buffer<float>& xproj = scratch->a;
     xproj.Resize(in.rows * g);
-    GemmNT(in.rows, g, in_, 1.0f, in.data.data(), in_, weight_ih_.data(),
-           in_, 0.0f, xproj.data(), g);
+    Gemm(in.rows, in.data.data(), in_, packed_ih_, xproj.data(), g, false);
     AddBias(xproj.data(), input_bias_.data(), in.rows, g);
 
     BeginSequence(layout, scratch);
@@ -273,10 +273,13 @@ class RecurrentLayer : public Layer {
     RETURN_IF_ERROR(NeedSequenceInput(spec, in));
     const int64_t h = spec.size(), g = gates_ * h;
     in_ = in.width;
-    ASSIGN_OR_RETURN(weight_ih_, w->Take(ArrayName(spec, "weight_ih"), {g, in_}));
+    ASSIGN_OR_RETURN(Buffer<float> weight_ih,
+                     w->Take(ArrayName(spec, "weight_ih"), {g, in_}));
     ASSIGN_OR_RETURN(weight_hh_, w->Take(ArrayName(spec, "weight_hh"), {g, h}));
     ASSIGN_OR_RETURN(bias_ih_, w->Take(ArrayName(spec, "bias_ih"), {g}));
     ASSIGN_OR_RETURN(bias_hh_, w->Take(ArrayName(spec, "bias_hh"), {g}));
+    packed_ih_ = PackedWeights::Pack(weight_ih.data(), g, in_);
+    packed_hh_ = PackedWeights::Pack(weight_hh_.data(), g, h);
     parameter_count_ = g * (in_ + h + 2);
     input_bias_.Resize(g);
     return absl::OkStatus();
@@ -295,7 +298,9 @@ class RecurrentLayer : public Layer {
 
   int64_t gates_;
   int64_t in_ = 0;
-  Buffer<float> weight_ih_, weight_hh_, bias_ih_, bias_hh_;
+  PackedWeights packed_ih_, packed_hh_;
+  // Kept as loaded for cells that use parts of them separately.
+  Buffer<float> weight_hh_, bias_ih_, bias_hh_;
   // The bias added to the input projection of every row.
   Buffer<float> input_bias_;
 };
@@ -330,7 +335,7 @@ class BasicRecurrentLayer : public RecurrentLayer {
             LayerScratch*) const override {
     const int64_t h = output_type_.width;
     if (prev != nullptr) {
-      GemmNT(live, h, h, 1.0f, prev, h, weight_hh_.data(), h, 1.0f, xproj, h);
+      Gemm(live, prev, h, packed_hh_, xproj, h, true);
     }
     if (relu_) {
       cpu::Relu(xproj, next, live * h);
@@ -371,8 +376,7 @@ class LongShortTermMemoryLayer : public RecurrentLayer {
             LayerScratch* scratch) const override {
     const int64_t h = output_type_.width;
     if (prev != nullptr) {
-      GemmNT(live, 4 * h, h, 1.0f, prev, h, weight_hh_.data(), h, 1.0f,
-             xproj, 4 * h);
+      Gemm(live, prev, h, packed_hh_, xproj, 4 * h, true);
     }
     float* cell = scratch->b.data();
     for (int64_t r = 0; r < live; ++r) {
@@ -405,6 +409,11 @@ class GatedRecurrentLayer : public RecurrentLayer {
     RETURN_IF_ERROR(layer->LoadArrays(spec, in, w));
     const int64_t h = spec.size();
     layer->reset_before_ = spec.reset_before();
+    if (layer->reset_before_) {
+      const float* whh = layer->weight_hh_.data();
+      layer->packed_hh_rz_ = PackedWeights::Pack(whh, 2 * h, h);
+      layer->packed_hh_n_ = PackedWeights::Pack(whh + 2 * h * h, h, h);
+    }
     // r and z see both biases; n's recurrent bias stays inside the reset
     // product in the default form, so only n's input bias folds there.
     for (int64_t i = 0; i < 3 * h; ++i) {
@@ -434,8 +443,7 @@ class GatedRecurrentLayer : public RecurrentLayer {
     Buffer<float>& hproj = scratch->b;
     hproj.Resize(live * 3 * h);
     if (prev != nullptr) {
-      GemmNT(live, 3 * h, h, 1.0f, prev, h, weight_hh_.data(), h, 0.0f,
-             hproj.data(), 3 * h);
+      Gemm(live, prev, h, packed_hh_, hproj.data(), 3 * h, false);
     } else {
       hproj.Zero();
     }
@@ -463,8 +471,7 @@ class GatedRecurrentLayer : public RecurrentLayer {
     rh.Resize(live * 2 * h);
     float* hn = rh.data() + live * h;
     if (prev != nullptr) {
-      GemmNT(live, 2 * h, h, 1.0f, prev, h, weight_hh_.data(), h, 0.0f,
-             rz.data(), 2 * h);
+      Gemm(live, prev, h, packed_hh_rz_, rz.data(), 2 * h, false);
     } else {
       rz.Zero();
     }
@@ -479,8 +486,7 @@ class GatedRecurrentLayer : public RecurrentLayer {
       }
     }
     if (prev != nullptr) {
-      GemmNT(live, h, h, 1.0f, rh.data(), h, weight_hh_.data() + 2 * h * h,
-             h, 0.0f, hn, h);
+      Gemm(live, rh.data(), h, packed_hh_n_, hn, h, false);
     } else {
       std::fill(hn, hn + live * h, 0.0f);
     }
@@ -495,6 +501,9 @@ class GatedRecurrentLayer : public RecurrentLayer {
   }
 
   bool reset_before_ = false;
+  // The reset-before form multiplies the r, z rows and the n rows of
+  // weight_hh separately.
+  PackedWeights packed_hh_rz_, packed_hh_n_;
 };
 
 // ---------------------------------------------------------------------------

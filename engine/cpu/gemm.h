@@ -1,17 +1,56 @@
 // Matrix products for the CPU engine.
+//
+// Every product here multiplies activations A [m, k] (row-major) by the
+// transpose of a weight matrix W [n, k] (the layout of PyTorch's and the net
+// format's weights), which is packed once at load into column panels.
+//
+// Results are batch-invariant: each output element is one fused
+// multiply-add chain over k in a fixed order, whatever m, the row's position
+// in the batch, or the thread count. So a sequence computes bit for bit the
+// same alone as inside any batch, which tests rely on and users can too.
 #pragma once
 
 #include <cstdint>
 
+#include "engine/buffer.h"
+
 namespace rnnserve::engine::cpu {
 
-// C[m, n] = alpha * A[m, k] * B^T + beta * C, all row-major, where B is
-// stored [n, k] (the layout of PyTorch's and the net format's weight
-// matrices, so weights are used exactly as loaded). lda, ldb, ldc are row
-// strides in elements. Backed by oneDNN's sgemm; thread count follows
-// OpenMP's. Thread-safe.
-void GemmNT(int64_t m, int64_t n, int64_t k, float alpha, const float* a,
-            int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-            int64_t ldc);
+// Columns per packed panel: two 16-float vectors.
+inline constexpr int64_t kPanelWidth = 32;
+
+// A weight matrix W [n, k] repacked for Gemm: panel p holds columns
+// [32p, 32p + 32) of W^T as k rows of 32 floats, zero-padded past n.
+// Immutable after Pack; thread-safe.
+class PackedWeights {
+ public:
+  PackedWeights() = default;
+  // Packs the row-major matrix `w` of n rows and k columns.
+  static PackedWeights Pack(const float* w, int64_t n, int64_t k);
+
+  int64_t n() const { return n_; }
+  int64_t k() const { return k_; }
+  int64_t panels() const { return (n_ + kPanelWidth - 1) / kPanelWidth; }
+  const float* panel(int64_t p) const {
+    return data_.data() + p * k_ * kPanelWidth;
+  }
+
+ private:
+  int64_t n_ = 0;
+  int64_t k_ = 0;
+  Buffer<float> data_;
+};
+
+// C[m, n] = A[m, k] W^T (+ C when `accumulate`). lda and ldc are row strides
+// in elements. Splits the work over OpenMP threads when it is large enough
+// to pay for them. Thread-safe.
+void Gemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
+          float* c, int64_t ldc, bool accumulate);
+
+// The same product through oneDNN's sgemm, for benchmarks and tests to
+// compare with. Not batch-invariant.
+void ReferenceGemm(int64_t m, const float* a, int64_t lda, const float* w,
+                   int64_t n, int64_t k, float* c, int64_t ldc,
+                   bool accumulate);
 
 }  // namespace rnnserve::engine::cpu

@@ -1,0 +1,91 @@
+#include "engine/cpu/gemm.h"
+
+#include <omp.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace rnnserve::engine::cpu {
+namespace {
+
+std::vector<float> Random(int64_t n, std::mt19937* rng) {
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(*rng);
+  return v;
+}
+
+TEST(Gemm, MatchesADoublePrecisionProductAtEveryRemainder) {
+  std::mt19937 rng(3);
+  for (int64_t m : {1, 2, 7, 8, 9, 17, 100}) {
+    for (int64_t n : {1, 16, 31, 32, 33, 100}) {
+      for (int64_t k : {1, 7, 64}) {
+        const std::vector<float> a = Random(m * k, &rng);
+        const std::vector<float> w = Random(n * k, &rng);
+        const std::vector<float> c0 = Random(m * n, &rng);
+        const PackedWeights packed = PackedWeights::Pack(w.data(), n, k);
+        for (bool accumulate : {false, true}) {
+          std::vector<float> c = c0;
+          Gemm(m, a.data(), k, packed, c.data(), n, accumulate);
+          for (int64_t i = 0; i < m; ++i) {
+            for (int64_t j = 0; j < n; ++j) {
+              double want = accumulate ? c0[i * n + j] : 0.0;
+              for (int64_t p = 0; p < k; ++p) {
+                want += double{a[i * k + p]} * w[j * k + p];
+              }
+              ASSERT_NEAR(c[i * n + j], want, 1e-5 * (k + 1))
+                  << m << "x" << n << "x" << k << " at " << i << "," << j;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(Gemm, LeavesColumnsPastNUntouched) {
+  std::mt19937 rng(4);
+  const int64_t m = 3, n = 5, k = 4, ldc = 40;
+  const std::vector<float> a = Random(m * k, &rng);
+  const std::vector<float> w = Random(n * k, &rng);
+  std::vector<float> c(m * ldc, 7.0f);
+  Gemm(m, a.data(), k, PackedWeights::Pack(w.data(), n, k), c.data(), ldc,
+       false);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = n; j < ldc; ++j) ASSERT_EQ(c[i * ldc + j], 7.0f);
+  }
+}
+
+// The property the engine's batch invariance rests on: a row's result does
+// not depend on how many rows are multiplied with it, where it sits, or how
+// many threads share the work.
+TEST(Gemm, EachRowIsBitIdenticalWhateverTheBatchAndThreads) {
+  std::mt19937 rng(5);
+  const int64_t m = 203, n = 300, k = 257;
+  const std::vector<float> a = Random(m * k, &rng);
+  const std::vector<float> w = Random(n * k, &rng);
+  const PackedWeights packed = PackedWeights::Pack(w.data(), n, k);
+  std::vector<float> all(m * n);
+  Gemm(m, a.data(), k, packed, all.data(), n, false);
+
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  std::vector<float> serial(m * n);
+  Gemm(m, a.data(), k, packed, serial.data(), n, false);
+  omp_set_num_threads(threads);
+  EXPECT_EQ(serial, all);
+
+  for (int64_t i : {0L, 1L, 7L, 8L, 100L, 202L}) {
+    std::vector<float> one(n);
+    Gemm(1, a.data() + i * k, k, packed, one.data(), n, false);
+    for (int64_t j = 0; j < n; ++j) {
+      ASSERT_EQ(one[j], all[i * n + j]) << "row " << i << " column " << j;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace rnnserve::engine::cpu
