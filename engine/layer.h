@@ -1,13 +1,23 @@
-// The layer interface the net executor drives. Internal to the engine.
+// The layer interface the graph executor drives. Internal to the engine.
+//
+// A layer has named input ports (declared by its type, see LayerType) and
+// named output ports (declared by the layer when it is built, each with a
+// static PortType). Layers are immutable after they are built, so one layer
+// serves every thread at once; per-run memory lives in the LayerScratch
+// of the caller's execution.
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "engine/buffer.h"
 #include "engine/sequence_layout.h"
 #include "engine/value.h"
@@ -16,50 +26,119 @@
 
 namespace rnnserve::engine {
 
-// Per-layer working memory owned by an Execution; grows to the largest
+class GraphState;
+
+// Per-layer working memory owned by an execution. It grows to the largest
 // batch seen and is then reused, so steady-state runs allocate nothing.
 struct LayerScratch {
-  Buffer<float> a;
-  Buffer<float> b;
-  Buffer<float> c;
+  LayerScratch();
+  ~LayerScratch();
+  LayerScratch(LayerScratch&&) noexcept;
+  LayerScratch& operator=(LayerScratch&&) noexcept;
+
+  Buffer<float> a, b, c, d;
+  Buffer<int64_t> index;
+  // A layout the layer derives (SequenceMost, SequenceRest, NetNestList);
+  // values it outputs point here.
+  SequenceLayout layout;
+  std::vector<int64_t> lengths;
+  // Working memory of operator sub-nets.
+  std::vector<std::unique_ptr<GraphState>> nested;
+  // Values an operator feeds to its sub-nets, and pointers to them.
+  std::vector<Value> values;
+  std::vector<const Value*> args;
 };
 
-// One node of a net. Immutable after Create, so one Layer serves every
-// thread at once; all per-run memory lives in the caller's Value and
-// LayerScratch.
 class Layer {
  public:
   virtual ~Layer() = default;
 
   const std::string& name() const { return name_; }
   const std::string& type() const { return type_; }
-  const PortType& output_type() const { return output_type_; }
+  int num_outputs() const { return static_cast<int>(outputs_.size()); }
+  const std::string& output_name(int port) const { return outputs_[port].first; }
+  const PortType& output_type(int port) const { return outputs_[port].second; }
   int64_t parameter_count() const { return parameter_count_; }
 
-  // Computes `out` from `in` for the batch laid out by `layout`.
-  virtual void Run(const SequenceLayout& layout, const Value& in, Value* out,
-                   LayerScratch* scratch) const = 0;
+  // Prepares per-execution memory, for layers with sub-nets.
+  virtual void InitScratch(LayerScratch* scratch) const {}
+
+  // Computes every output port from the inputs. `in` has one entry per
+  // input port of the layer's type (nullptr for an unconnected optional
+  // port); `out` one per output port. Fails only on run-time conditions the
+  // static types cannot rule out (INVALID_ARGUMENT, naming the layer), for
+  // example a sequence too short for SequenceRestLayer.
+  virtual absl::Status Run(absl::Span<const Value* const> in,
+                           absl::Span<Value* const> out,
+                           LayerScratch* scratch) const = 0;
 
  protected:
-  Layer(const v1::LayerSpec& spec, PortType output_type)
-      : name_(spec.name()), type_(spec.type()), output_type_(output_type) {}
+  explicit Layer(const v1::LayerSpec& spec)
+      : name_(spec.name()), type_(spec.type()) {}
+  void AddOutput(std::string name, PortType type) {
+    outputs_.emplace_back(std::move(name), type);
+  }
 
   std::string name_;
   std::string type_;
-  PortType output_type_;
+  std::vector<std::pair<std::string, PortType>> outputs_;
   int64_t parameter_count_ = 0;
 };
 
-// Builds the layer `spec` describes for an input of type `input`, taking
-// its arrays from `weights`. INVALID_ARGUMENT for an unknown type, a missing
-// or bad field, or an input of the wrong kind; NOT_FOUND or
-// INVALID_ARGUMENT from `weights` for a missing or misshapen array. Every
-// message names the layer.
-absl::StatusOr<std::unique_ptr<Layer>> CreateLayer(const v1::LayerSpec& spec,
-                                                   const PortType& input,
-                                                   WeightSource* weights);
+// What a layer factory gets.
+struct LayerContext {
+  const v1::LayerSpec& spec;
+  // One per input port of the type; nullopt for an unconnected optional
+  // port. Variadic types get one per connection.
+  std::vector<std::optional<PortType>> inputs;
+  WeightSource* weights;
+  // Prepended to the layer's array names: empty at the top level,
+  // "<operator>.<part>." inside sub-nets.
+  std::string prefix;
+  // Issues ids for layouts that layers derive.
+  int* next_layout;
 
-// The layer types CreateLayer knows, for error messages and docs.
+  // "<prefix><layer name>.<array>".
+  std::string ArrayName(const char* array) const;
+  // "layer 'name' (Type)", for messages.
+  std::string Describe() const;
+  const PortType& input(int port = 0) const { return *inputs[port]; }
+};
+
+using LayerFactory =
+    std::function<absl::StatusOr<std::unique_ptr<Layer>>(LayerContext&)>;
+
+struct LayerType {
+  // Input port names, in order; connections name them or go by position.
+  std::vector<std::string> ports;
+  // The first `required` ports must be connected.
+  int required = 1;
+  // Takes any number (at least `required`) of positional inputs.
+  bool variadic = false;
+  LayerFactory create;
+  // For types whose ports depend on the spec (NetFold's states): replaces
+  // `ports` when set.
+  std::function<std::vector<std::string>(const v1::LayerSpec&)> ports_of;
+};
+
+// The registry of layer types by name. Each layers/*.cc file adds its own.
+const std::map<std::string, LayerType>& LayerTypes();
 const std::vector<std::string>& KnownLayerTypes();
+
+// Registration hooks, one per layers/*.cc file.
+void RegisterBasicLayers(std::map<std::string, LayerType>* types);
+void RegisterRecurrentLayers(std::map<std::string, LayerType>* types);
+void RegisterSequenceLayers(std::map<std::string, LayerType>* types);
+void RegisterOperators(std::map<std::string, LayerType>* types);
+
+// Reverses each sequence of `x` within its own length into `y`.
+void ReverseSequence(const Value& x, Value* y);
+
+// Shared checks for factories; each returns INVALID_ARGUMENT naming the
+// layer.
+absl::Status NeedFloat(const LayerContext& ctx, int port = 0);
+absl::Status NeedSequence(const LayerContext& ctx, int port = 0);
+absl::Status NeedVector(const LayerContext& ctx, int port = 0);
+absl::Status NeedPositiveSize(const LayerContext& ctx);
 
 }  // namespace rnnserve::engine

@@ -2,22 +2,15 @@
 
 #include <cmath>
 #include <cstring>
-#include <map>
 
 #include "absl/strings/str_format.h"
+#include "engine/graph.h"
 #include "engine/status_macros.h"
 
 namespace rnnserve::engine {
-
-struct Net::Node {
-  std::unique_ptr<Layer> layer;
-  // A node index, or -1 - i for net input i.
-  int source = 0;
-};
-
 namespace {
 
-absl::StatusOr<PortType> InputType(const v1::InputSpec& input) {
+absl::StatusOr<PortType> InputType(const v1::InputSpec& input, int index) {
   switch (input.kind()) {
     case v1::TOKEN_SEQUENCE:
       if (input.vocab_size() <= 0) {
@@ -25,15 +18,17 @@ absl::StatusOr<PortType> InputType(const v1::InputSpec& input) {
             "input '%s' is a TOKEN_SEQUENCE but has no positive vocab_size",
             input.name()));
       }
-      return PortType{true, true, input.vocab_size()};
+      return PortType{true, true, input.vocab_size(), index};
     case v1::VECTOR_SEQUENCE:
     case v1::VECTOR:
       if (input.width() <= 0) {
         return absl::InvalidArgumentError(absl::StrFormat(
             "input '%s' has no positive width", input.name()));
       }
-      return PortType{input.kind() == v1::VECTOR_SEQUENCE, false,
-                      input.width()};
+      if (input.kind() == v1::VECTOR) {
+        return PortType{false, false, input.width(), -1};
+      }
+      return PortType{true, false, input.width(), index};
     default:
       return absl::InvalidArgumentError(absl::StrFormat(
           "input '%s' has no kind (TOKEN_SEQUENCE, VECTOR_SEQUENCE or VECTOR)",
@@ -43,127 +38,59 @@ absl::StatusOr<PortType> InputType(const v1::InputSpec& input) {
 
 }  // namespace
 
+Execution::Execution() = default;
+Execution::~Execution() = default;
+Execution::Execution(Execution&&) noexcept = default;
+Execution& Execution::operator=(Execution&&) noexcept = default;
+
 Net::~Net() = default;
 
 absl::StatusOr<std::unique_ptr<Net>> Net::Create(
     const v1::NetSpec& spec, std::unique_ptr<SafetensorsFile> weights) {
   auto net = std::unique_ptr<Net>(new Net());
   net->spec_ = spec;
-  if (spec.inputs_size() != 1) {
-    // TODO: nets with several inputs (initial states, a second sequence)
-    // need a layout per sequence input; until then one input is required.
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "net has %d inputs; this engine runs nets with exactly one input",
-        spec.inputs_size()));
+  if (spec.inputs_size() == 0) {
+    return absl::InvalidArgumentError("the net has no inputs");
   }
-  if (spec.layers_size() == 0) {
-    return absl::InvalidArgumentError("net has no layers");
-  }
-
-  // Names resolve to a source: -1 - i for input i, else a node index.
-  std::map<std::string, int> sources;
-  std::map<int, PortType> types;
+  // Each sequence input gets its own layout id; layers that derive layouts
+  // take ids after these.
   for (int i = 0; i < spec.inputs_size(); ++i) {
-    const v1::InputSpec& input = spec.inputs(i);
-    if (input.name().empty()) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("input %d has no name", i));
-    }
-    ASSIGN_OR_RETURN(PortType type, InputType(input));
-    sources[input.name()] = -1 - i;
-    types[-1 - i] = type;
+    ASSIGN_OR_RETURN(PortType type, InputType(spec.inputs(i), i));
     net->input_types_.push_back(type);
   }
-
+  int next_layout = spec.inputs_size();
   WeightSource source(std::move(weights));
-  for (int i = 0; i < spec.layers_size(); ++i) {
-    const v1::LayerSpec& layer = spec.layers(i);
-    if (layer.name().empty()) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "layer %d (%s) has no name", i, layer.type()));
-    }
-    if (sources.count(layer.name()) != 0) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "name '%s' is used twice in the net", layer.name()));
-    }
-    int from = i == 0 ? -1 : i - 1;
-    if (layer.inputs_size() > 1) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "layer '%s' (%s) reads %d inputs; it takes one", layer.name(),
-          layer.type(), layer.inputs_size()));
-    }
-    if (layer.inputs_size() == 1) {
-      auto it = sources.find(layer.inputs(0));
-      if (it == sources.end()) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "layer '%s' reads '%s', which is not a net input or an earlier "
-            "layer",
-            layer.name(), layer.inputs(0)));
-      }
-      from = it->second;
-    }
-    ASSIGN_OR_RETURN(std::unique_ptr<Layer> built,
-                     CreateLayer(layer, types[from], &source));
-    types[i] = built->output_type();
-    sources[layer.name()] = i;
-    net->nodes_.push_back(Node{std::move(built), from});
-  }
+  ASSIGN_OR_RETURN(net->graph_, Graph::Build(spec, net->input_types_, &source,
+                                             "", &next_layout));
   RETURN_IF_ERROR(source.Finish());
 
-  if (spec.outputs_size() == 0) {
-    v1::OutputSpec* out = net->spec_.add_outputs();
-    out->set_name("output");
-  }
-  for (const v1::OutputSpec& out : net->spec_.outputs()) {
-    int from = spec.layers_size() - 1;
-    if (!out.source().empty()) {
-      auto it = sources.find(out.source());
-      if (it == sources.end()) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "output '%s' reads '%s', which is not a layer of the net",
-            out.name(), out.source()));
-      }
-      from = it->second;
-    }
-    if (types[from].tokens) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "output '%s' would return token ids; outputs must be float",
-          out.name()));
-    }
-    net->output_sources_.push_back(from);
-    net->output_types_.push_back(types[from]);
+  if (spec.outputs_size() == 0) net->spec_.add_outputs()->set_name("output");
+  for (int o = 0; o < net->graph_->num_outputs(); ++o) {
+    net->output_types_.push_back(net->graph_->output_type(o));
   }
   return net;
 }
 
-int64_t Net::parameter_count() const {
-  int64_t total = 0;
-  for (const Node& node : nodes_) total += node.layer->parameter_count();
-  return total;
+int64_t Net::parameter_count() const { return graph_->parameter_count(); }
+
+std::vector<std::string> Net::layer_types() const {
+  return graph_->layer_types();
 }
 
 Execution Net::NewExecution() const {
   Execution exec;
+  exec.layouts_.resize(input_types_.size());
   exec.input_values_.resize(input_types_.size());
-  exec.node_values_.resize(nodes_.size());
-  exec.scratch_.resize(nodes_.size());
+  for (const Value& v : exec.input_values_) exec.input_ptrs_.push_back(&v);
+  exec.state_ = graph_->NewState();
   return exec;
 }
 
-absl::Status Net::ValidateAndPack(const NetInputs& inputs,
-                                  Execution* exec) const {
-  if (inputs.inputs.size() != input_types_.size()) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "the net takes %d inputs, %d were given", input_types_.size(),
-        inputs.inputs.size()));
-  }
-  const InputBatch& batch = inputs.inputs[0];
-  const PortType& type = input_types_[0];
-  const std::string& name = spec_.inputs(0).name();
-  if (batch.lengths.empty()) {
-    return absl::InvalidArgumentError("the batch has no instances");
-  }
+namespace {
 
+// Checks one input's batch, naming the instance and element at fault.
+absl::Status CheckInput(const std::string& name, const PortType& type,
+                        const InputBatch& batch) {
   int64_t total = 0;
   for (size_t i = 0; i < batch.lengths.size(); ++i) {
     const int64_t len = batch.lengths[i];
@@ -180,9 +107,6 @@ absl::Status Net::ValidateAndPack(const NetInputs& inputs,
     }
     total += len;
   }
-
-  // Checks element by element so the message can say where the bad value
-  // is; the loops are cheap next to the net itself.
   if (type.tokens) {
     if (static_cast<int64_t>(batch.tokens.size()) != total) {
       return absl::InvalidArgumentError(absl::StrFormat(
@@ -201,47 +125,81 @@ absl::Status Net::ValidateAndPack(const NetInputs& inputs,
         }
       }
     }
-  } else {
-    if (static_cast<int64_t>(batch.vectors.size()) != total * type.width) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "input '%s' has %d floats; %d vectors of width %d need %d", name,
-          batch.vectors.size(), total, type.width, total * type.width));
-    }
-    int64_t k = 0;
-    for (size_t i = 0; i < batch.lengths.size(); ++i) {
-      for (int64_t t = 0; t < batch.lengths[i]; ++t) {
-        for (int64_t j = 0; j < type.width; ++j, ++k) {
-          if (!std::isfinite(batch.vectors[k])) {
-            return absl::InvalidArgumentError(absl::StrFormat(
-                "input '%s' of instance %d: element %d of vector %d is %f; "
-                "inputs must be finite",
-                name, i, j, t, batch.vectors[k]));
-          }
+    return absl::OkStatus();
+  }
+  if (static_cast<int64_t>(batch.vectors.size()) != total * type.width) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "input '%s' has %d floats; %d vectors of width %d need %d", name,
+        batch.vectors.size(), total, type.width, total * type.width));
+  }
+  int64_t k = 0;
+  for (size_t i = 0; i < batch.lengths.size(); ++i) {
+    for (int64_t t = 0; t < batch.lengths[i]; ++t) {
+      for (int64_t j = 0; j < type.width; ++j, ++k) {
+        if (!std::isfinite(batch.vectors[k])) {
+          return absl::InvalidArgumentError(absl::StrFormat(
+              "input '%s' of instance %d: element %d of vector %d is %f; "
+              "inputs must be finite",
+              name, i, j, t, batch.vectors[k]));
         }
       }
     }
   }
+  return absl::OkStatus();
+}
 
-  // Pack: row layout.row(s, t) takes element t of the instance at sorted
-  // position s.
-  RETURN_IF_ERROR(exec->layout_.Plan(batch.lengths));
-  const SequenceLayout& layout = exec->layout_;
-  Value& value = exec->input_values_[0];
-  value.Reshape(type, layout.total_rows());
-  std::vector<int64_t> starts(batch.lengths.size());
-  for (size_t i = 1; i < starts.size(); ++i) {
-    starts[i] = starts[i - 1] + batch.lengths[i - 1];
+}  // namespace
+
+absl::Status Net::ValidateAndPack(const NetInputs& inputs,
+                                  Execution* exec) const {
+  if (inputs.inputs.size() != input_types_.size()) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "the net takes %d inputs, %d were given", input_types_.size(),
+        inputs.inputs.size()));
   }
-  const int64_t w = type.width;
-  for (int64_t t = 0; t < layout.max_length(); ++t) {
-    for (int64_t s = 0; s < layout.batch_size(t); ++s) {
-      const int64_t src = starts[layout.original_index(s)] + t;
-      const int64_t dst = layout.row(s, t);
-      if (type.tokens) {
-        value.ids[dst] = batch.tokens[src];
-      } else {
-        std::memcpy(value.data.data() + dst * w,
-                    batch.vectors.data() + src * w, w * sizeof(float));
+  const size_t batch = inputs.inputs[0].lengths.size();
+  if (batch == 0) return absl::InvalidArgumentError("the batch has no instances");
+  for (size_t i = 0; i < input_types_.size(); ++i) {
+    const std::string& name = spec_.inputs(i).name();
+    if (inputs.inputs[i].lengths.size() != batch) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "input '%s' has %d instances where input '%s' has %d", name,
+          inputs.inputs[i].lengths.size(), spec_.inputs(0).name(), batch));
+    }
+    RETURN_IF_ERROR(CheckInput(name, input_types_[i], inputs.inputs[i]));
+  }
+
+  // Pack each input: row layout.row(s, t) takes element t of the instance
+  // at sorted position s. Vector inputs stay in caller order.
+  for (size_t i = 0; i < input_types_.size(); ++i) {
+    const InputBatch& in = inputs.inputs[i];
+    const PortType& type = input_types_[i];
+    Value& value = exec->input_values_[i];
+    const int64_t w = type.width;
+    if (!type.sequence) {
+      value.Reshape(type, batch);
+      std::memcpy(value.data.data(), in.vectors.data(),
+                  batch * w * sizeof(float));
+      continue;
+    }
+    SequenceLayout& layout = exec->layouts_[i];
+    RETURN_IF_ERROR(layout.Plan(in.lengths));
+    value.Reshape(type, layout.total_rows(), &layout);
+    exec->starts_.resize(batch);
+    exec->starts_[0] = 0;
+    for (size_t k = 1; k < batch; ++k) {
+      exec->starts_[k] = exec->starts_[k - 1] + in.lengths[k - 1];
+    }
+    for (int64_t t = 0; t < layout.max_length(); ++t) {
+      for (int64_t s = 0; s < layout.batch_size(t); ++s) {
+        const int64_t src = exec->starts_[layout.original_index(s)] + t;
+        const int64_t dst = layout.row(s, t);
+        if (type.tokens) {
+          value.ids[dst] = in.tokens[src];
+        } else {
+          std::memcpy(value.row(dst), in.vectors.data() + src * w,
+                      w * sizeof(float));
+        }
       }
     }
   }
@@ -251,38 +209,33 @@ absl::Status Net::ValidateAndPack(const NetInputs& inputs,
 absl::Status Net::Run(const NetInputs& inputs, Execution* exec,
                       NetOutputs* outputs) const {
   RETURN_IF_ERROR(ValidateAndPack(inputs, exec));
-  const SequenceLayout& layout = exec->layout_;
-  auto value_of = [&](int source) -> const Value& {
-    return source < 0 ? exec->input_values_[-1 - source]
-                      : exec->node_values_[source];
-  };
-  for (size_t i = 0; i < nodes_.size(); ++i) {
-    nodes_[i].layer->Run(layout, value_of(nodes_[i].source),
-                         &exec->node_values_[i], &exec->scratch_[i]);
-  }
+  RETURN_IF_ERROR(graph_->Run(exec->input_ptrs_, exec->state_.get()));
 
   // Unpack each output into caller order.
-  outputs->outputs.resize(output_sources_.size());
-  for (size_t o = 0; o < output_sources_.size(); ++o) {
-    const Value& value = value_of(output_sources_[o]);
+  outputs->outputs.resize(graph_->num_outputs());
+  for (int o = 0; o < graph_->num_outputs(); ++o) {
+    const Value& value = graph_->output(*exec->state_, o);
     OutputBatch& out = outputs->outputs[o];
     const int64_t w = value.type.width;
+    const int64_t batch = inputs.inputs[0].lengths.size();
     out.sequence = value.type.sequence;
     out.width = w;
-    out.lengths.resize(layout.batch());
-    int64_t total = 0;
-    for (int64_t i = 0; i < layout.batch(); ++i) {
-      const int64_t s = layout.sorted_position(i);
-      out.lengths[i] = out.sequence ? layout.sorted_length(s) : 1;
-      total += out.lengths[i];
+    out.lengths.resize(batch);
+    if (!out.sequence) {
+      std::fill(out.lengths.begin(), out.lengths.end(), 1);
+      out.values.assign(value.data.data(), value.data.data() + batch * w);
+      continue;
     }
-    out.values.resize(total * w);
+    const SequenceLayout& layout = *value.layout;
+    for (int64_t i = 0; i < batch; ++i) {
+      out.lengths[i] = layout.sorted_length(layout.sorted_position(i));
+    }
+    out.values.resize(value.rows * w);
     float* dst = out.values.data();
-    for (int64_t i = 0; i < layout.batch(); ++i) {
+    for (int64_t i = 0; i < batch; ++i) {
       const int64_t s = layout.sorted_position(i);
       for (int64_t t = 0; t < out.lengths[i]; ++t, dst += w) {
-        const int64_t row = out.sequence ? layout.row(s, t) : s;
-        std::memcpy(dst, value.data.data() + row * w, w * sizeof(float));
+        std::memcpy(dst, value.row(layout.row(s, t)), w * sizeof(float));
       }
     }
   }

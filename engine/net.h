@@ -20,7 +20,6 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "engine/layer.h"
 #include "engine/safetensors.h"
 #include "engine/sequence_layout.h"
 #include "engine/value.h"
@@ -59,6 +58,8 @@ struct NetOutputs {
 };
 
 class Execution;
+class Graph;
+class GraphState;
 
 class Net {
  public:
@@ -72,8 +73,10 @@ class Net {
 
   ~Net();
 
+  // The description, with the default output filled in when it had none.
   const v1::NetSpec& spec() const { return spec_; }
   int64_t parameter_count() const;
+  std::vector<std::string> layer_types() const;
   // The type each net input accepts and each output produces.
   const std::vector<PortType>& input_types() const { return input_types_; }
   const std::vector<PortType>& output_types() const { return output_types_; }
@@ -85,38 +88,38 @@ class Net {
   // inputs, a token id is outside [0, vocab_size), the float count is not
   // lengths x width, or a value is NaN or infinite; the message names the
   // input, the instance and the element. Nothing is computed on a bad batch.
+  // Also INVALID_ARGUMENT when a layer cannot run on the lengths given (a
+  // SequenceRestLayer on a one-element sequence).
   absl::Status Run(const NetInputs& inputs, Execution* exec,
                    NetOutputs* outputs) const;
 
  private:
-  struct Node;
   Net() = default;
   absl::Status ValidateAndPack(const NetInputs& inputs, Execution* exec) const;
 
   v1::NetSpec spec_;
   std::vector<PortType> input_types_;
   std::vector<PortType> output_types_;
-  std::vector<Node> nodes_;
-  // Node index (or -1 - input index) feeding each output.
-  std::vector<int> output_sources_;
+  std::unique_ptr<Graph> graph_;
 };
 
 // The working memory of one run. Movable, not copyable; one thread at a time.
 class Execution {
  public:
-  Execution(Execution&&) = default;
-  Execution& operator=(Execution&&) = default;
-
-  const SequenceLayout& layout() const { return layout_; }
+  Execution();
+  ~Execution();
+  Execution(Execution&&) noexcept;
+  Execution& operator=(Execution&&) noexcept;
 
  private:
   friend class Net;
-  Execution() = default;
 
-  SequenceLayout layout_;
+  // One layout per net input (unused for VECTOR inputs).
+  std::vector<SequenceLayout> layouts_;
   std::vector<Value> input_values_;
-  std::vector<Value> node_values_;
-  std::vector<LayerScratch> scratch_;
+  std::vector<const Value*> input_ptrs_;
+  std::vector<int64_t> starts_;
+  std::unique_ptr<GraphState> state_;
 };
 
 }  // namespace rnnserve::engine

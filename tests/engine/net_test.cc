@@ -115,7 +115,8 @@ TEST(NetLoading, DanglingInputReferenceIsNamed) {
   auto model = LoadWith("dangling", net, {});
   ASSERT_FALSE(model.ok());
   EXPECT_THAT(model.status().message(),
-              HasSubstr("layer 'act' reads 'nowhere'"));
+              HasSubstr("layer 'act' (ElementwiseLayer) reads 'nowhere', which "
+                        "is not an input or an earlier layer"));
 }
 
 TEST(NetLoading, SyntaxErrorGivesLineAndColumn) {

@@ -1,0 +1,391 @@
+// BasicRecurrentLayer, GatedRecurrentLayer, LongShortTermMemoryLayer.
+//
+// All three share one schedule over the packed layout: the input projection
+// of every element of every sequence is one matrix product; then step t
+// multiplies the live prefix of step t-1's states by the recurrent weights
+// and applies the cell's gates. Step t-1's states are the output rows of
+// step t-1, so no state copy is kept (the LSTM's cell state excepted).
+//
+// Ports: "input" (a sequence), optional "state" (and "cell") initial states
+// as vectors of the layer's size, zeros when unconnected. Outputs: "output"
+// (the state sequence), "state" (each sequence's final state), and for the
+// LSTM "cell" (the final cell state) and "cells" (the cell-state sequence).
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_format.h"
+#include "engine/cpu/activations.h"
+#include "engine/cpu/gemm.h"
+#include "engine/layer.h"
+#include "engine/status_macros.h"
+
+namespace rnnserve::engine {
+namespace {
+
+using cpu::FastSigmoid;
+using cpu::FastTanh;
+using cpu::Gemm;
+using cpu::PackedWeights;
+
+// Copies caller-order rows into the layout's sorted order.
+void GatherSorted(const SequenceLayout& layout, const Value& v, float* dst) {
+  const int64_t w = v.type.width;
+  for (int64_t s = 0; s < layout.batch(); ++s) {
+    std::memcpy(dst + s * w, v.row(layout.original_index(s)),
+                w * sizeof(float));
+  }
+}
+
+class RecurrentLayer : public Layer {
+ public:
+  absl::Status Run(absl::Span<const Value* const> in,
+                   absl::Span<Value* const> out,
+                   LayerScratch* scratch) const override {
+    const Value& x = *in[0];
+    const SequenceLayout& layout = *x.layout;
+    const int64_t h = hidden_, g = gates_ * h;
+    Value& y = *out[0];
+    y.Reshape(output_type(0), x.rows, x.layout);
+
+    // The input projection of all rows, with the biases that fold in.
+    Buffer<float>& xproj = scratch->a;
+    xproj.Resize(x.rows * g);
+    Gemm(x.rows, x.data.data(), in_width_, packed_ih_, xproj.data(), g, false);
+    for (int64_t r = 0; r < x.rows; ++r) {
+      float* row = xproj.data() + r * g;
+      for (int64_t i = 0; i < g; ++i) row[i] += input_bias_[i];
+    }
+
+    // Initial states, sorted like the layout; nullptr means zeros.
+    const float* initial = nullptr;
+    if (in.size() > 1 && in[1] != nullptr) {
+      scratch->c.Resize(layout.batch() * h);
+      GatherSorted(layout, *in[1], scratch->c.data());
+      initial = scratch->c.data();
+    }
+    BeginSequence(layout, in, out, scratch);
+
+    for (int64_t t = 0; t < layout.max_length(); ++t) {
+      const float* prev =
+          t == 0 ? initial : y.data.data() + layout.offset(t - 1) * h;
+      Step(layout.batch_size(t), xproj.data() + layout.offset(t) * g, prev,
+           y.data.data() + layout.offset(t) * h, scratch);
+      AfterStep(layout, t, out, scratch);
+    }
+
+    // Each sequence's final state, in caller order.
+    Value& last = *out[1];
+    last.Reshape(output_type(1), layout.batch());
+    for (int64_t i = 0; i < layout.batch(); ++i) {
+      const int64_t s = layout.sorted_position(i);
+      std::memcpy(last.row(i), y.row(layout.row(s, layout.sorted_length(s) - 1)),
+                  h * sizeof(float));
+    }
+    FinishSequence(layout, out, scratch);
+    return absl::OkStatus();
+  }
+
+ protected:
+  RecurrentLayer(const v1::LayerSpec& spec, int64_t gates)
+      : Layer(spec), gates_(gates), hidden_(spec.size()) {}
+
+  // Checks the ports and reads weight_ih [gH, in], weight_hh [gH, H],
+  // bias_ih and bias_hh [gH].
+  absl::Status Load(LayerContext& ctx) {
+    RETURN_IF_ERROR(NeedPositiveSize(ctx));
+    RETURN_IF_ERROR(NeedSequence(ctx));
+    const int64_t h = hidden_, g = gates_ * h;
+    for (size_t p = 1; p < ctx.inputs.size(); ++p) {
+      if (!ctx.inputs[p]) continue;
+      RETURN_IF_ERROR(NeedVector(ctx, p));
+      if (ctx.input(p).width != h) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "%s has size %d but its initial state input %d is %d wide",
+            ctx.Describe(), h, p, ctx.input(p).width));
+      }
+    }
+    in_width_ = ctx.input().width;
+    ASSIGN_OR_RETURN(Buffer<float> weight_ih,
+                     ctx.weights->Take(ctx.ArrayName("weight_ih"),
+                                       {g, in_width_}));
+    ASSIGN_OR_RETURN(weight_hh_,
+                     ctx.weights->Take(ctx.ArrayName("weight_hh"), {g, h}));
+    ASSIGN_OR_RETURN(bias_ih_,
+                     ctx.weights->Take(ctx.ArrayName("bias_ih"), {g}));
+    ASSIGN_OR_RETURN(bias_hh_,
+                     ctx.weights->Take(ctx.ArrayName("bias_hh"), {g}));
+    packed_ih_ = PackedWeights::Pack(weight_ih.data(), g, in_width_);
+    packed_hh_ = PackedWeights::Pack(weight_hh_.data(), g, h);
+    input_bias_.Resize(g);
+    parameter_count_ = g * (in_width_ + h + 2);
+
+    PortType seq = ctx.input();
+    seq.width = h;
+    AddOutput("output", seq);
+    AddOutput("state", PortType{false, false, h, -1});
+    return absl::OkStatus();
+  }
+
+  virtual void BeginSequence(const SequenceLayout& layout,
+                             absl::Span<const Value* const> in,
+                             absl::Span<Value* const> out,
+                             LayerScratch* scratch) const {}
+  virtual void AfterStep(const SequenceLayout& layout, int64_t t,
+                         absl::Span<Value* const> out,
+                         LayerScratch* scratch) const {}
+  virtual void FinishSequence(const SequenceLayout& layout,
+                              absl::Span<Value* const> out,
+                              LayerScratch* scratch) const {}
+
+  // One step for the `live` leading rows: `xproj` holds their input
+  // projections (biases folded per input_bias_), `prev` their previous
+  // states (nullptr: zeros), `next` receives the new states. May overwrite
+  // `xproj`.
+  virtual void Step(int64_t live, float* xproj, const float* prev,
+                    float* next, LayerScratch* scratch) const = 0;
+
+  const int64_t gates_;
+  const int64_t hidden_;
+  int64_t in_width_ = 0;
+  PackedWeights packed_ih_, packed_hh_;
+  // Kept as loaded for cells that use parts of them separately.
+  Buffer<float> weight_hh_, bias_ih_, bias_hh_;
+  // The bias added to the input projection of every row.
+  Buffer<float> input_bias_;
+};
+
+class BasicRecurrentLayer : public RecurrentLayer {
+ public:
+  static absl::StatusOr<std::unique_ptr<Layer>> Create(LayerContext& ctx) {
+    const std::string& f = ctx.spec.function();
+    if (!f.empty() && f != "tanh" && f != "relu") {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s has function '%s'; it takes 'tanh' or 'relu'", ctx.Describe(),
+          f));
+    }
+    auto layer =
+        std::unique_ptr<BasicRecurrentLayer>(new BasicRecurrentLayer(ctx.spec));
+    layer->relu_ = f == "relu";
+    RETURN_IF_ERROR(layer->Load(ctx));
+    for (int64_t i = 0; i < layer->hidden_; ++i) {
+      layer->input_bias_[i] = layer->bias_ih_[i] + layer->bias_hh_[i];
+    }
+    return layer;
+  }
+
+ private:
+  explicit BasicRecurrentLayer(const v1::LayerSpec& spec)
+      : RecurrentLayer(spec, 1) {}
+
+  void Step(int64_t live, float* xproj, const float* prev, float* next,
+            LayerScratch*) const override {
+    const int64_t h = hidden_;
+    if (prev != nullptr) Gemm(live, prev, h, packed_hh_, xproj, h, true);
+    if (relu_) {
+      cpu::Relu(xproj, next, live * h);
+    } else {
+      cpu::Tanh(xproj, next, live * h);
+    }
+  }
+
+  bool relu_ = false;
+};
+
+// Gate order i, f, g, o (PyTorch's); both biases fold into the input
+// projection. The cell state lives in scratch->b, sorted like the layout.
+class LongShortTermMemoryLayer : public RecurrentLayer {
+ public:
+  static absl::StatusOr<std::unique_ptr<Layer>> Create(LayerContext& ctx) {
+    auto layer = std::unique_ptr<LongShortTermMemoryLayer>(
+        new LongShortTermMemoryLayer(ctx.spec));
+    RETURN_IF_ERROR(layer->Load(ctx));
+    layer->AddOutput("cell", layer->output_type(1));
+    layer->AddOutput("cells", layer->output_type(0));
+    for (int64_t i = 0; i < 4 * layer->hidden_; ++i) {
+      layer->input_bias_[i] = layer->bias_ih_[i] + layer->bias_hh_[i];
+    }
+    return layer;
+  }
+
+ private:
+  explicit LongShortTermMemoryLayer(const v1::LayerSpec& spec)
+      : RecurrentLayer(spec, 4) {}
+
+  void BeginSequence(const SequenceLayout& layout,
+                     absl::Span<const Value* const> in,
+                     absl::Span<Value* const> out,
+                     LayerScratch* scratch) const override {
+    scratch->b.Resize(layout.batch() * hidden_);
+    if (in.size() > 2 && in[2] != nullptr) {
+      GatherSorted(layout, *in[2], scratch->b.data());
+    } else {
+      scratch->b.Zero();
+    }
+    out[3]->Reshape(output_type(3), layout.total_rows(), &layout);
+  }
+
+  void AfterStep(const SequenceLayout& layout, int64_t t,
+                 absl::Span<Value* const> out,
+                 LayerScratch* scratch) const override {
+    std::memcpy(out[3]->row(layout.offset(t)), scratch->b.data(),
+                layout.batch_size(t) * hidden_ * sizeof(float));
+  }
+
+  void FinishSequence(const SequenceLayout& layout,
+                      absl::Span<Value* const> out,
+                      LayerScratch* scratch) const override {
+    // Rows of finished sequences are never touched again, so each sorted
+    // row holds its sequence's final cell state.
+    Value& cell = *out[2];
+    cell.Reshape(output_type(2), layout.batch());
+    for (int64_t i = 0; i < layout.batch(); ++i) {
+      std::memcpy(cell.row(i),
+                  scratch->b.data() + layout.sorted_position(i) * hidden_,
+                  hidden_ * sizeof(float));
+    }
+  }
+
+  void Step(int64_t live, float* xproj, const float* prev, float* next,
+            LayerScratch* scratch) const override {
+    const int64_t h = hidden_;
+    if (prev != nullptr) Gemm(live, prev, h, packed_hh_, xproj, 4 * h, true);
+    float* cell = scratch->b.data();
+    for (int64_t r = 0; r < live; ++r) {
+      const float* gi = xproj + r * 4 * h;
+      const float* gf = gi + h;
+      const float* gg = gi + 2 * h;
+      const float* go = gi + 3 * h;
+      float* c = cell + r * h;
+      float* out = next + r * h;
+      for (int64_t j = 0; j < h; ++j) {
+        const float cj =
+            FastSigmoid(gf[j]) * c[j] + FastSigmoid(gi[j]) * FastTanh(gg[j]);
+        c[j] = cj;
+        out[j] = FastSigmoid(go[j]) * FastTanh(cj);
+      }
+    }
+  }
+};
+
+// Gate order r, z, n (PyTorch's). In the default form the reset gate scales
+// the recurrent product (n = tanh(W_in x + b_in + r * (W_hn h + b_hn)));
+// with reset_before it scales the state first
+// (n = tanh(W_in x + b_in + W_hn (r * h) + b_hn)), the original GRU.
+class GatedRecurrentLayer : public RecurrentLayer {
+ public:
+  static absl::StatusOr<std::unique_ptr<Layer>> Create(LayerContext& ctx) {
+    auto layer =
+        std::unique_ptr<GatedRecurrentLayer>(new GatedRecurrentLayer(ctx.spec));
+    RETURN_IF_ERROR(layer->Load(ctx));
+    const int64_t h = layer->hidden_;
+    layer->reset_before_ = ctx.spec.reset_before();
+    if (layer->reset_before_) {
+      const float* whh = layer->weight_hh_.data();
+      layer->packed_hh_rz_ = PackedWeights::Pack(whh, 2 * h, h);
+      layer->packed_hh_n_ = PackedWeights::Pack(whh + 2 * h * h, h, h);
+    }
+    // r and z see both biases; n's recurrent bias stays inside the reset
+    // product in the default form, so only n's input bias folds there.
+    for (int64_t i = 0; i < 3 * h; ++i) {
+      const bool fold = i < 2 * h || layer->reset_before_;
+      layer->input_bias_[i] =
+          layer->bias_ih_[i] + (fold ? layer->bias_hh_[i] : 0.0f);
+    }
+    return layer;
+  }
+
+ private:
+  explicit GatedRecurrentLayer(const v1::LayerSpec& spec)
+      : RecurrentLayer(spec, 3) {}
+
+  void Step(int64_t live, float* xproj, const float* prev, float* next,
+            LayerScratch* scratch) const override {
+    if (reset_before_) {
+      StepResetBefore(live, xproj, prev, next, scratch);
+    } else {
+      StepResetAfter(live, xproj, prev, next, scratch);
+    }
+  }
+
+  void StepResetAfter(int64_t live, const float* xproj, const float* prev,
+                      float* next, LayerScratch* scratch) const {
+    const int64_t h = hidden_;
+    Buffer<float>& hproj = scratch->b;
+    hproj.Resize(live * 3 * h);
+    if (prev != nullptr) {
+      Gemm(live, prev, h, packed_hh_, hproj.data(), 3 * h, false);
+    } else {
+      hproj.Zero();
+    }
+    const float* bhn = bias_hh_.data() + 2 * h;
+    for (int64_t r = 0; r < live; ++r) {
+      const float* x = xproj + r * 3 * h;
+      const float* hp = hproj.data() + r * 3 * h;
+      float* out = next + r * h;
+      for (int64_t j = 0; j < h; ++j) {
+        const float rg = FastSigmoid(x[j] + hp[j]);
+        const float zg = FastSigmoid(x[h + j] + hp[h + j]);
+        const float n = FastTanh(x[2 * h + j] + rg * (hp[2 * h + j] + bhn[j]));
+        const float hprev = prev == nullptr ? 0.0f : prev[r * h + j];
+        out[j] = n + zg * (hprev - n);
+      }
+    }
+  }
+
+  void StepResetBefore(int64_t live, const float* xproj, const float* prev,
+                       float* next, LayerScratch* scratch) const {
+    const int64_t h = hidden_;
+    Buffer<float>& rz = scratch->b;  // [live, 2h]: r, z gates
+    Buffer<float>& rh = scratch->d;  // [live, h] r * h, then [live, h] W_hn rh
+    rz.Resize(live * 2 * h);
+    rh.Resize(live * 2 * h);
+    float* hn = rh.data() + live * h;
+    if (prev != nullptr) {
+      Gemm(live, prev, h, packed_hh_rz_, rz.data(), 2 * h, false);
+    } else {
+      rz.Zero();
+    }
+    for (int64_t r = 0; r < live; ++r) {
+      for (int64_t j = 0; j < 2 * h; ++j) {
+        float& gate = rz[r * 2 * h + j];
+        gate = FastSigmoid(xproj[r * 3 * h + j] + gate);
+      }
+      for (int64_t j = 0; j < h; ++j) {
+        rh[r * h + j] =
+            prev == nullptr ? 0.0f : rz[r * 2 * h + j] * prev[r * h + j];
+      }
+    }
+    if (prev != nullptr) {
+      Gemm(live, rh.data(), h, packed_hh_n_, hn, h, false);
+    } else {
+      std::fill(hn, hn + live * h, 0.0f);
+    }
+    for (int64_t r = 0; r < live; ++r) {
+      for (int64_t j = 0; j < h; ++j) {
+        const float zg = rz[r * 2 * h + h + j];
+        const float n = FastTanh(xproj[r * 3 * h + 2 * h + j] + hn[r * h + j]);
+        const float hprev = prev == nullptr ? 0.0f : prev[r * h + j];
+        next[r * h + j] = n + zg * (hprev - n);
+      }
+    }
+  }
+
+  bool reset_before_ = false;
+  // The reset-before form multiplies the r, z rows and the n rows of
+  // weight_hh separately.
+  PackedWeights packed_hh_rz_, packed_hh_n_;
+};
+
+}  // namespace
+
+void RegisterRecurrentLayers(std::map<std::string, LayerType>* types) {
+  (*types)["BasicRecurrentLayer"] = {{"input", "state"}, 1, false,
+                                     BasicRecurrentLayer::Create};
+  (*types)["GatedRecurrentLayer"] = {{"input", "state"}, 1, false,
+                                     GatedRecurrentLayer::Create};
+  (*types)["LongShortTermMemoryLayer"] = {{"input", "state", "cell"}, 1,
+                                          false,
+                                          LongShortTermMemoryLayer::Create};
+}
+
+}  // namespace rnnserve::engine
