@@ -228,10 +228,6 @@ absl::Status RunInference(const ModelRepository& repository,
   if (request.model().empty()) {
     return absl::InvalidArgumentError("the request names no model");
   }
-  if (request.version() < 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "version %d is negative (0 selects the latest)", request.version()));
-  }
   if (request.top_k() < 0) {
     return absl::InvalidArgumentError(
         absl::StrFormat("top_k is %d; it must not be negative", request.top_k()));

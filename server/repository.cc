@@ -173,6 +173,10 @@ absl::StatusOr<const ModelEntry*> ModelRepository::Find(
 
 absl::StatusOr<std::shared_ptr<ServedVersion>> ModelRepository::Resolve(
     const std::string& name, int64_t version) const {
+  if (version < 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "version %d is negative (0 selects the latest)", version));
+  }
   ASSIGN_OR_RETURN(const ModelEntry* entry, Find(name));
   if (!entry->failure.empty()) {
     return absl::FailedPreconditionError(absl::StrFormat(

@@ -78,8 +78,9 @@ class ModelRepository {
   // The entry named `name`: NOT_FOUND naming the known models otherwise.
   absl::StatusOr<const ModelEntry*> Find(const std::string& name) const;
 
-  // A served version (0: the highest). NOT_FOUND for an unknown model or
-  // version, FAILED_PRECONDITION with the load error for a failed model.
+  // A served version (0: the highest). INVALID_ARGUMENT for a negative
+  // version, NOT_FOUND for an unknown model or version, FAILED_PRECONDITION
+  // with the load error for a failed model.
   absl::StatusOr<std::shared_ptr<ServedVersion>> Resolve(
       const std::string& name, int64_t version) const;
 
