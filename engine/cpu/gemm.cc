@@ -145,6 +145,39 @@ void Gemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
   }
 }
 
+void GatedGemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
+               int64_t gates, float* c, int64_t ldc, bool accumulate,
+               TileEpilogue epilogue) {
+  if (m == 0) return;
+  const int64_t units = w.n() / gates;
+  const bool parallel = m * w.n() * w.k() >= kParallelWork;
+  if (units % kPanelWidth != 0 || w.k() == 0) {
+    // Gate blocks do not start on panel boundaries: multiply first, then
+    // run the epilogue over blocks of rows.
+    Gemm(m, a, lda, w, c, ldc, accumulate);
+    const int64_t blocks = (m + kRows - 1) / kRows;
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t b = 0; b < blocks; ++b) {
+      epilogue(b * kRows, std::min(m, (b + 1) * kRows), 0, units);
+    }
+    return;
+  }
+  // Gate q of unit group u is panel q * groups + u.
+  const int64_t groups = units / kPanelWidth;
+  const int64_t blocks = (m + kBlockRows - 1) / kBlockRows;
+  const int64_t tiles = blocks * groups;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t row0 = (t / groups) * kBlockRows;
+    const int64_t row1 = std::min(m, row0 + kBlockRows);
+    const int64_t u = t % groups;
+    for (int64_t q = 0; q < gates; ++q) {
+      Tile(row0, row1, q * groups + u, a, lda, w, c, ldc, accumulate);
+    }
+    epilogue(row0, row1, u * kPanelWidth, (u + 1) * kPanelWidth);
+  }
+}
+
 void ReferenceGemm(int64_t m, const float* a, int64_t lda, const float* w,
                    int64_t n, int64_t k, float* c, int64_t ldc,
                    bool accumulate) {

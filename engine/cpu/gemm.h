@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "absl/functional/function_ref.h"
 #include "engine/buffer.h"
 
 namespace rnnserve::engine::cpu {
@@ -46,6 +47,22 @@ class PackedWeights {
 // to pay for them. Thread-safe.
 void Gemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
           float* c, int64_t ldc, bool accumulate);
+
+// Called after a tile of a GatedGemm with the rows [row0, row1) and units
+// [unit0, unit1) whose gate columns are all computed.
+using TileEpilogue =
+    absl::FunctionRef<void(int64_t row0, int64_t row1, int64_t unit0,
+                           int64_t unit1)>;
+
+// The product of Gemm for recurrent weights, whose n columns form `gates`
+// gate-major blocks of n / gates units each. Each tile computes every gate
+// of a group of units for a block of rows and then runs `epilogue` on them
+// while they are still in cache, on the same thread; so the cell update is
+// spread over the threads with the product. Each (row, unit) is passed to
+// the epilogue exactly once. Results equal Gemm's bit for bit.
+void GatedGemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
+               int64_t gates, float* c, int64_t ldc, bool accumulate,
+               TileEpilogue epilogue);
 
 // The same product through oneDNN's sgemm, for benchmarks and tests to
 // compare with. Not batch-invariant.

@@ -180,11 +180,21 @@ class BasicRecurrentLayer : public RecurrentLayer {
   void Step(int64_t live, float* xproj, const float* prev, float* next,
             LayerScratch*) const override {
     const int64_t h = hidden_;
-    if (prev != nullptr) Gemm(live, prev, h, packed_hh_, xproj, h, true);
-    if (relu_) {
-      cpu::Relu(xproj, next, live * h);
+    auto activate = [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* x = xproj + r * h + u0;
+        float* out = next + r * h + u0;
+        if (relu_) {
+          cpu::Relu(x, out, u1 - u0);
+        } else {
+          cpu::Tanh(x, out, u1 - u0);
+        }
+      }
+    };
+    if (prev != nullptr) {
+      cpu::GatedGemm(live, prev, h, packed_hh_, 1, xproj, h, true, activate);
     } else {
-      cpu::Tanh(xproj, next, live * h);
+      activate(0, live, 0, h);
     }
   }
 
@@ -248,21 +258,28 @@ class LongShortTermMemoryLayer : public RecurrentLayer {
   void Step(int64_t live, float* xproj, const float* prev, float* next,
             LayerScratch* scratch) const override {
     const int64_t h = hidden_;
-    if (prev != nullptr) Gemm(live, prev, h, packed_hh_, xproj, 4 * h, true);
     float* cell = scratch->b.data();
-    for (int64_t r = 0; r < live; ++r) {
-      const float* gi = xproj + r * 4 * h;
-      const float* gf = gi + h;
-      const float* gg = gi + 2 * h;
-      const float* go = gi + 3 * h;
-      float* c = cell + r * h;
-      float* out = next + r * h;
-      for (int64_t j = 0; j < h; ++j) {
-        const float cj =
-            FastSigmoid(gf[j]) * c[j] + FastSigmoid(gi[j]) * FastTanh(gg[j]);
-        c[j] = cj;
-        out[j] = FastSigmoid(go[j]) * FastTanh(cj);
+    auto update = [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* gi = xproj + r * 4 * h;
+        const float* gf = gi + h;
+        const float* gg = gi + 2 * h;
+        const float* go = gi + 3 * h;
+        float* c = cell + r * h;
+        float* out = next + r * h;
+        for (int64_t j = u0; j < u1; ++j) {
+          const float cj = FastSigmoid(gf[j]) * c[j] +
+                           FastSigmoid(gi[j]) * FastTanh(gg[j]);
+          c[j] = cj;
+          out[j] = FastSigmoid(go[j]) * FastTanh(cj);
+        }
       }
+    };
+    if (prev != nullptr) {
+      cpu::GatedGemm(live, prev, h, packed_hh_, 4, xproj, 4 * h, true,
+                     update);
+    } else {
+      update(0, live, 0, h);
     }
   }
 };
@@ -312,23 +329,28 @@ class GatedRecurrentLayer : public RecurrentLayer {
     const int64_t h = hidden_;
     Buffer<float>& hproj = scratch->b;
     hproj.Resize(live * 3 * h);
+    const float* bhn = bias_hh_.data() + 2 * h;
+    auto update = [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* x = xproj + r * 3 * h;
+        const float* hp = hproj.data() + r * 3 * h;
+        float* out = next + r * h;
+        for (int64_t j = u0; j < u1; ++j) {
+          const float rg = FastSigmoid(x[j] + hp[j]);
+          const float zg = FastSigmoid(x[h + j] + hp[h + j]);
+          const float n =
+              FastTanh(x[2 * h + j] + rg * (hp[2 * h + j] + bhn[j]));
+          const float hprev = prev == nullptr ? 0.0f : prev[r * h + j];
+          out[j] = n + zg * (hprev - n);
+        }
+      }
+    };
     if (prev != nullptr) {
-      Gemm(live, prev, h, packed_hh_, hproj.data(), 3 * h, false);
+      cpu::GatedGemm(live, prev, h, packed_hh_, 3, hproj.data(), 3 * h, false,
+                     update);
     } else {
       hproj.Zero();
-    }
-    const float* bhn = bias_hh_.data() + 2 * h;
-    for (int64_t r = 0; r < live; ++r) {
-      const float* x = xproj + r * 3 * h;
-      const float* hp = hproj.data() + r * 3 * h;
-      float* out = next + r * h;
-      for (int64_t j = 0; j < h; ++j) {
-        const float rg = FastSigmoid(x[j] + hp[j]);
-        const float zg = FastSigmoid(x[h + j] + hp[h + j]);
-        const float n = FastTanh(x[2 * h + j] + rg * (hp[2 * h + j] + bhn[j]));
-        const float hprev = prev == nullptr ? 0.0f : prev[r * h + j];
-        out[j] = n + zg * (hprev - n);
-      }
+      update(0, live, 0, h);
     }
   }
 

@@ -2,6 +2,7 @@
 
 #include <omp.h>
 
+#include <atomic>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -83,6 +84,43 @@ TEST(Gemm, EachRowIsBitIdenticalWhateverTheBatchAndThreads) {
     Gemm(1, a.data() + i * k, k, packed, one.data(), n, false);
     for (int64_t j = 0; j < n; ++j) {
       ASSERT_EQ(one[j], all[i * n + j]) << "row " << i << " column " << j;
+    }
+  }
+}
+
+// GatedGemm must compute what Gemm computes and hand every (row, unit) to
+// the epilogue once, after all of that unit's gates are final; both for
+// unit counts that fill whole panels (the tiled path) and ones that do not.
+TEST(GatedGemm, EpilogueSeesEveryFinishedUnitOnceAndResultsEqualGemm) {
+  std::mt19937 rng(6);
+  for (int64_t units : {64L, 96L, 7L, 40L}) {
+    for (int64_t m : {1L, 13L, 200L}) {
+      const int64_t gates = 4, n = gates * units, k = 48;
+      const std::vector<float> a = Random(m * k, &rng);
+      const std::vector<float> w = Random(n * k, &rng);
+      const std::vector<float> c0 = Random(m * n, &rng);
+      const PackedWeights packed = PackedWeights::Pack(w.data(), n, k);
+      std::vector<float> want = c0;
+      Gemm(m, a.data(), k, packed, want.data(), n, true);
+
+      std::vector<float> got = c0;
+      std::vector<int> seen(m * units, 0);
+      std::atomic<int> unfinished{0};
+      GatedGemm(m, a.data(), k, packed, gates, got.data(), n, true,
+                [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
+                  for (int64_t r = r0; r < r1; ++r) {
+                    for (int64_t u = u0; u < u1; ++u) {
+                      ++seen[r * units + u];
+                      for (int64_t q = 0; q < gates; ++q) {
+                        const int64_t col = q * units + u;
+                        if (got[r * n + col] != want[r * n + col]) ++unfinished;
+                      }
+                    }
+                  }
+                });
+      EXPECT_EQ(unfinished, 0) << "units " << units << " m " << m;
+      EXPECT_EQ(got, want) << "units " << units << " m " << m;
+      for (int s : seen) ASSERT_EQ(s, 1) << "units " << units << " m " << m;
     }
   }
 }
