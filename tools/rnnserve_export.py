@@ -10,8 +10,13 @@ text-format ``rnnserve.v1.ModelConfig``)::
     <model_root>/<model_name>/<version>/weights.safetensors
 
 The exporter handles chains of layers: a :class:`SequenceNet` built from the
-modules below, each reading the output of the one before it. Arrays are named
-``"<layer name>.<array>"``; recurrent gate orders are PyTorch's.
+modules below, each reading the output of the one before it. Operators
+(:class:`Map`, :class:`Bidirectional`, bidirectional recurrent modules)
+carry chains of their own as sub-nets. Arrays are named
+``"<layer name>.<array>"``, and inside a sub-net
+``"<operator name>.<sub-net layer name>.<array>"`` (``"<operator
+name>.forward.<...>"`` and ``".backward.<...>"`` for the two copies of a
+bidirectional operator); recurrent gate orders are PyTorch's.
 
 ==================================  ==========================  =====================================
 PyTorch module                      net.pbtxt layer             arrays (shape)
@@ -34,25 +39,57 @@ nn.GRU(I, H)                        GatedRecurrentLayer         weight_ih [3H, I
 nn.LSTM(I, H)                       LongShortTermMemoryLayer    weight_ih [4H, I], weight_hh [4H, H],
                                     size: H                     bias_ih [4H], bias_hh [4H]
                                                                 (gates i, f, g, o)
-SequenceLast()                      SequenceLastLayer           (none)
-nn.Dropout                          (omitted: identity at inference)
+  ... num_layers=L                  L recurrent layers, named   layer k from weight_ih_l<k>, ...
+                                    "lstm", "lstm_l1", ...,
+                                    "lstm_l<L-1>"
+  ... bidirectional=True            per layer k a               <op>.forward.lstm.* from
+                                    NetBidirectionalOperator    weight_ih_l<k>, ...;
+                                    "bilstm" ("bilstm_l<k>"),   <op>.backward.lstm.* from
+                                    join: "catenate", sub-net:  weight_ih_l<k>_reverse, ...
+                                    input "input" -> one
+                                    recurrent layer "lstm"
+Bidirectional(fwd, bwd, join)       NetBidirectionalOperator    <op>.forward.<layer>.* from fwd,
+                                    "bidirectional", join,      <op>.backward.<layer>.* from bwd
+                                    net (fwd's layers),
+                                    backward_net (bwd's)
+Map(module or chain)                NetMapOperator "map",       map.<layer>.* as the chain's layers
+                                    net: the chain's layers
+SequenceLast()                      SequenceLastLayer "last"    (none)
+SequenceMost()                      SequenceMostLayer "most"    (none)
+SequenceRest()                      SequenceRestLayer "rest"    (none)
+SequenceReverse()                   SequenceReverseLayer        (none)
+                                    "reverse"
+nn.Dropout, recurrent dropout       (omitted: identity at inference)
 ==================================  ==========================  =====================================
 
-Restrictions: recurrent modules must have ``num_layers=1`` and
-``bidirectional=False`` (and ``proj_size=0`` for LSTM); ``batch_first`` may be
-either. ELU must have ``alpha=1``, Softplus ``beta=1``, GELU
-``approximate="none"``; nn.Embedding must not use ``max_norm``; an
-nn.Embedding may only come first. Recurrent layers, SequenceLast and
-Embedding cannot follow SequenceLast. Anything else raises ``ValueError``.
+Layer names are the module kind (``embedding``, ``linear``, ``lstm``,
+``gru``, ``rnn``, ``last``, ``softmax``, ``most``, ``rest``, ``reverse``,
+``map``, ``bidirectional``, ``bilstm``, ``bigru``, ``birnn``, or the
+function name of an elementwise layer), with ``_2``, ``_3``, ... added when a
+kind repeats within one net or sub-net; layer k > 0 of a stacked recurrent
+module adds ``_l<k>`` to the name of its layer 0 (``lstm_2_l1``: layer 1 of
+the second LSTM module). Every sub-net has one input, ``"input"`` (a VECTOR
+for Map, a VECTOR_SEQUENCE for the bidirectional copies), and outputs its
+last layer.
+
+Restrictions: no ``proj_size`` on nn.LSTM. ELU must have ``alpha=1``,
+Softplus ``beta=1``, GELU ``approximate="none"``; nn.Embedding must not use
+``max_norm`` and may only come first. After SequenceLast the data is one
+vector per instance: only row-wise modules (Linear, elementwise, Softmax,
+Dropout) may follow. Map holds row-wise modules only; Bidirectional takes
+two unidirectional recurrent modules of equal input and hidden sizes.
+SequenceMost and SequenceRest need sequences of at least 2 elements.
+Anything else raises ``ValueError``.
 
 The net has one input, ``"input"``: a ``TOKEN_SEQUENCE`` of ``vocab_size``
 ids when the first layer is an embedding, otherwise a ``VECTOR_SEQUENCE`` of
 ``width`` floats. It has one output (``"output"`` unless renamed); with class
-labels the output gets a class decoder, and the net must end in a softmax.
+labels the output gets a class decoder, and the net must end in a softmax
+(possibly the last module of a final Map, for per-element classes).
 
 Entry points: :func:`export`, :func:`write_net`, :func:`load`,
 :func:`read_safetensors`, :func:`write_safetensors`, :func:`pad_batch`,
-:func:`encode_text`.
+:func:`encode_text`, :func:`reverse_padded`, :func:`format_net`.
 """
 
 import json
@@ -67,6 +104,11 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 __all__ = [
     "SequenceLast",
+    "SequenceMost",
+    "SequenceRest",
+    "SequenceReverse",
+    "Map",
+    "Bidirectional",
     "SequenceNet",
     "export",
     "write_net",
@@ -74,8 +116,10 @@ __all__ = [
     "read_safetensors",
     "write_safetensors",
     "write_config",
+    "format_net",
     "parse_text_proto",
     "pad_batch",
+    "reverse_padded",
     "encode_text",
 ]
 
@@ -83,6 +127,32 @@ __all__ = [
 # --------------------------------------------------------------------------
 # The PyTorch side
 # --------------------------------------------------------------------------
+
+
+def _as_lengths(lengths):
+    if isinstance(lengths, torch.Tensor):
+        return lengths.detach().to(device="cpu", dtype=torch.long)
+    return torch.as_tensor(np.asarray(lengths, dtype=np.int64))
+
+
+def reverse_padded(x, lengths):
+    """Reverses each sequence of a padded batch-first batch ([B, T] or
+    [B, T, D]) within its own length; positions past a sequence's length
+    stay where they are."""
+    lengths = _as_lengths(lengths).to(x.device)
+    steps = x.shape[1]
+    t = torch.arange(steps, device=x.device).unsqueeze(0)
+    n = lengths.unsqueeze(1)
+    index = torch.where(t < n, n - 1 - t, t)
+    if x.dim() > 2:
+        index = index.reshape(index.shape + (1,) * (x.dim() - 2)).expand(x.shape)
+    return torch.gather(x, 1, index)
+
+
+def _need_two(module, lengths):
+    if lengths.numel() and int(lengths.min()) < 2:
+        raise ValueError("%s needs sequences of at least 2 elements, got lengths %s"
+                         % (type(module).__name__, lengths.tolist()))
 
 
 class SequenceLast(nn.Module):
@@ -97,6 +167,40 @@ class SequenceLast(nn.Module):
         return x[torch.arange(x.shape[0], device=x.device), index]
 
 
+class SequenceMost(nn.Module):
+    """Drops the last element of each sequence.
+
+    ``forward(x, lengths)`` returns ``(x', lengths - 1)`` for a padded
+    batch-first ``x``; every sequence needs at least 2 elements.
+    """
+
+    def forward(self, x, lengths):
+        lengths = _as_lengths(lengths)
+        _need_two(self, lengths)
+        return x[:, :x.shape[1] - 1], lengths - 1
+
+
+class SequenceRest(nn.Module):
+    """Drops the first element of each sequence.
+
+    ``forward(x, lengths)`` returns ``(x', lengths - 1)`` for a padded
+    batch-first ``x``; every sequence needs at least 2 elements.
+    """
+
+    def forward(self, x, lengths):
+        lengths = _as_lengths(lengths)
+        _need_two(self, lengths)
+        return x[:, 1:], lengths - 1
+
+
+class SequenceReverse(nn.Module):
+    """Reverses each sequence within its own length: ``forward(x, lengths)``
+    returns the reversed padded batch (see :func:`reverse_padded`)."""
+
+    def forward(self, x, lengths):
+        return reverse_padded(x, lengths)
+
+
 _ELEMENTWISE = {
     nn.Tanh: "tanh",
     nn.Sigmoid: "sigmoid",
@@ -107,47 +211,133 @@ _ELEMENTWISE = {
 }
 _ELEMENTWISE_MODULES = {name: cls for cls, name in _ELEMENTWISE.items()}
 _RECURRENT = (nn.RNN, nn.GRU, nn.LSTM)
-_SUPPORTED = frozenset((nn.Embedding, nn.Linear, nn.Softmax, nn.Dropout, SequenceLast)
-                       + _RECURRENT + tuple(_ELEMENTWISE))
+_ROWWISE = frozenset((nn.Linear, nn.Softmax, nn.Dropout) + tuple(_ELEMENTWISE))
+_JOINS = ("catenate", "total", "mean")
 
 
 def _describe(module):
     return repr(module)
 
 
-def _check_module(module, position, after_last, width):
-    """Validates one module of a chain; returns the width after it.
+def _run_recurrent(module, x, lengths):
+    """Runs an nn.RNN/GRU/LSTM on a padded batch-first batch, packed."""
+    steps = x.shape[1]
+    if not module.batch_first:
+        x = x.transpose(0, 1)
+    packed = pack_padded_sequence(x, _as_lengths(lengths),
+                                  batch_first=module.batch_first,
+                                  enforce_sorted=False)
+    out, _ = module(packed)
+    out, _ = pad_packed_sequence(out, batch_first=module.batch_first,
+                                 total_length=steps)
+    if not module.batch_first:
+        out = out.transpose(0, 1)
+    return out
 
-    ``width`` is the feature width flowing in (None when not known).
+
+class Map(nn.Module):
+    """Applies a chain of row-wise modules (nn.Linear, elementwise functions,
+    nn.Softmax, nn.Dropout) to every element of a sequence, with shared
+    weights -- the rnnserve NetMapOperator.
+
+    ``module`` is one such module, a list of them or an nn.Sequential; it is
+    kept as the nn.Sequential ``self.net``. ``forward(x)`` applies it to a
+    padded [B, T, D] batch.
     """
-    # Exact types only: a subclass may compute something else.
-    if type(module) not in _SUPPORTED:
-        raise ValueError("unsupported module at position %d: %s"
-                         % (position, _describe(module)))
+
+    def __init__(self, module):
+        super().__init__()
+        if isinstance(module, (list, tuple)):
+            module = nn.Sequential(*module)
+        elif type(module) is not nn.Sequential:
+            module = nn.Sequential(module)
+        if len(module) == 0:
+            raise ValueError("Map needs at least one module")
+        self.net = module
+        _check_rowwise_chain(list(module), None, "Map")
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Bidirectional(nn.Module):
+    """Runs ``forward_rnn`` over each sequence and ``backward_rnn`` over each
+    sequence reversed within its own length, re-reverses the latter's
+    outputs so that element t lines up with element t, and joins the two:
+    ``"catenate"`` (forward then backward), ``"total"`` or ``"mean"`` -- the
+    rnnserve NetBidirectionalOperator with a backward net of its own.
+
+    Both modules are unidirectional nn.RNN, nn.GRU or nn.LSTM (any number of
+    layers, either ``batch_first``) with the same input and hidden sizes.
+    ``forward(x, lengths)`` takes a padded batch-first batch; both
+    directions run packed, so padding never affects a result.
+    """
+
+    def __init__(self, forward_rnn, backward_rnn, join="catenate"):
+        super().__init__()
+        if join not in _JOINS:
+            raise ValueError("Bidirectional join must be one of %s, got %r"
+                             % (", ".join(_JOINS), join))
+        for which, module in (("forward", forward_rnn), ("backward", backward_rnn)):
+            if type(module) not in _RECURRENT:
+                raise ValueError("Bidirectional %s module must be an nn.RNN, nn.GRU "
+                                 "or nn.LSTM: %s" % (which, _describe(module)))
+            if module.bidirectional:
+                raise ValueError("Bidirectional %s module must be unidirectional: %s"
+                                 % (which, _describe(module)))
+        if (forward_rnn.input_size != backward_rnn.input_size
+                or forward_rnn.hidden_size != backward_rnn.hidden_size):
+            raise ValueError("Bidirectional needs modules of equal input and hidden "
+                             "sizes: %s and %s"
+                             % (_describe(forward_rnn), _describe(backward_rnn)))
+        self.forward_rnn = forward_rnn
+        self.backward_rnn = backward_rnn
+        self.join = join
+
+    @property
+    def input_size(self):
+        return self.forward_rnn.input_size
+
+    @property
+    def output_size(self):
+        hidden = self.forward_rnn.hidden_size
+        return 2 * hidden if self.join == "catenate" else hidden
+
+    def forward(self, x, lengths):
+        lengths = _as_lengths(lengths)
+        f = _run_recurrent(self.forward_rnn, x, lengths)
+        b = _run_recurrent(self.backward_rnn, reverse_padded(x, lengths), lengths)
+        b = reverse_padded(b, lengths)
+        if self.join == "catenate":
+            return torch.cat([f, b], dim=-1)
+        if self.join == "total":
+            return f + b
+        return (f + b) * 0.5
+
+    def extra_repr(self):
+        return "join=%r" % (self.join,)
+
+
+_SUPPORTED = frozenset(
+    (nn.Embedding, SequenceLast, SequenceMost, SequenceRest, SequenceReverse,
+     Map, Bidirectional) + _RECURRENT + tuple(_ROWWISE))
+
+
+def _check_rowwise(module, width, where):
+    """Validates a row-wise module; returns the width after it."""
+    if type(module) not in _ROWWISE:
+        raise ValueError("unsupported module %s: %s" % (where, _describe(module)))
     if isinstance(module, nn.Dropout):
         return width
-    if isinstance(module, nn.Embedding):
-        if position != 0:
-            raise ValueError("nn.Embedding must be the first module, found at "
-                             "position %d: %s" % (position, _describe(module)))
-        if module.max_norm is not None:
-            raise ValueError("unsupported module: nn.Embedding with max_norm "
-                             "(renormalises at inference): %s" % _describe(module))
-        return module.embedding_dim
     if isinstance(module, nn.Linear):
         if width is not None and width != module.in_features:
-            raise ValueError("nn.Linear at position %d expects %d inputs but "
-                             "receives %d" % (position, module.in_features, width))
+            raise ValueError("nn.Linear %s expects %d inputs but receives %d"
+                             % (where, module.in_features, width))
         return module.out_features
     if isinstance(module, nn.Softmax):
         if module.dim != -1:
             raise ValueError("unsupported module: nn.Softmax must use dim=-1, "
                              "got %s" % _describe(module))
-        return width
-    if isinstance(module, SequenceLast):
-        if after_last:
-            raise ValueError("SequenceLast at position %d follows another "
-                             "SequenceLast" % position)
         return width
     if isinstance(module, nn.ELU) and float(module.alpha) != 1.0:
         raise ValueError("unsupported module: nn.ELU with alpha != 1: %s"
@@ -159,19 +349,19 @@ def _check_module(module, position, after_last, width):
         raise ValueError("unsupported module: nn.GELU with approximate=%r "
                          "(only the exact erf form): %s"
                          % (module.approximate, _describe(module)))
-    if isinstance(module, tuple(_ELEMENTWISE)):
-        return width
-    # Recurrent modules.
-    if after_last:
-        raise ValueError("recurrent module at position %d follows SequenceLast: "
-                         "%s" % (position, _describe(module)))
-    if module.num_layers != 1:
-        raise ValueError("unsupported module: %s with num_layers=%d (stack "
-                         "single-layer modules instead): %s"
-                         % (type(module).__name__, module.num_layers, _describe(module)))
-    if module.bidirectional:
-        raise ValueError("unsupported module: bidirectional %s: %s"
-                         % (type(module).__name__, _describe(module)))
+    return width
+
+
+def _check_rowwise_chain(modules, width, where):
+    if not any(not isinstance(m, nn.Dropout) for m in modules):
+        raise ValueError("%s needs a module besides dropout" % where)
+    for i, module in enumerate(modules):
+        width = _check_rowwise(module, width, "at position %d of %s" % (i, where))
+    return width
+
+
+def _check_recurrent(module, width, where):
+    """Validates an nn.RNN/GRU/LSTM; returns the width of its output."""
     if getattr(module, "proj_size", 0):
         raise ValueError("unsupported module: nn.LSTM with proj_size: %s"
                          % _describe(module))
@@ -179,15 +369,85 @@ def _check_module(module, position, after_last, width):
         raise ValueError("unsupported module: nn.RNN with nonlinearity %r: %s"
                          % (module.nonlinearity, _describe(module)))
     if width is not None and width != module.input_size:
-        raise ValueError("%s at position %d expects %d inputs but receives %d"
-                         % (type(module).__name__, position, module.input_size, width))
-    return module.hidden_size
+        raise ValueError("%s %s expects %d inputs but receives %d"
+                         % (type(module).__name__, where, module.input_size, width))
+    return module.hidden_size * (2 if module.bidirectional else 1)
 
 
-def _as_lengths(lengths):
-    if isinstance(lengths, torch.Tensor):
-        return lengths.detach().to(device="cpu", dtype=torch.long)
-    return torch.as_tensor(np.asarray(lengths, dtype=np.int64))
+def _check_module(module, position, sequence, width):
+    """Validates one module of a top-level chain.
+
+    ``sequence`` tells whether a sequence flows in (False after
+    SequenceLast); ``width`` is the feature width flowing in (None when not
+    known). Returns (width, sequence) after the module.
+    """
+    # Exact types only: a subclass may compute something else.
+    if type(module) not in _SUPPORTED:
+        raise ValueError("unsupported module at position %d: %s"
+                         % (position, _describe(module)))
+    where = "at position %d" % position
+    if isinstance(module, nn.Embedding):
+        if position != 0:
+            raise ValueError("nn.Embedding must be the first module, found at "
+                             "position %d: %s" % (position, _describe(module)))
+        if module.max_norm is not None:
+            raise ValueError("unsupported module: nn.Embedding with max_norm "
+                             "(renormalises at inference): %s" % _describe(module))
+        return module.embedding_dim, sequence
+    if type(module) in _ROWWISE:
+        return _check_rowwise(module, width, where), sequence
+    if not sequence:
+        what = ("another SequenceLast" if isinstance(module, SequenceLast)
+                else "SequenceLast")
+        raise ValueError("%s at position %d follows %s (it needs a sequence)"
+                         % (type(module).__name__, position, what))
+    if isinstance(module, SequenceLast):
+        return width, False
+    if isinstance(module, (SequenceMost, SequenceRest, SequenceReverse)):
+        return width, True
+    if isinstance(module, Map):
+        return _check_rowwise_chain(list(module.net), width,
+                                    "the Map at position %d" % position), True
+    if isinstance(module, Bidirectional):
+        for inner in (module.forward_rnn, module.backward_rnn):
+            if type(inner) not in _RECURRENT or inner.bidirectional:
+                raise ValueError("the Bidirectional at position %d needs two "
+                                 "unidirectional recurrent modules: %s"
+                                 % (position, _describe(inner)))
+            _check_recurrent(inner, width, where + " (in Bidirectional)")
+        if (module.forward_rnn.hidden_size != module.backward_rnn.hidden_size
+                or module.forward_rnn.input_size != module.backward_rnn.input_size):
+            raise ValueError("the Bidirectional at position %d has modules of "
+                             "different sizes" % position)
+        if module.join not in _JOINS:
+            raise ValueError("the Bidirectional at position %d has join %r"
+                             % (position, module.join))
+        return module.output_size, True
+    return _check_recurrent(module, width, where), True
+
+
+def _check_chain(modules, input_width):
+    """Validates a top-level chain; returns (output width, ends in sequence)."""
+    width, sequence = input_width, True
+    for i, module in enumerate(modules):
+        width, sequence = _check_module(module, i, sequence, width)
+    return width, sequence
+
+
+def _first_width(modules):
+    """The input width a chain implies, or None when nothing fixes it."""
+    for module in modules:
+        if isinstance(module, nn.Linear):
+            return module.in_features
+        if isinstance(module, _RECURRENT):
+            return module.input_size
+        if isinstance(module, Bidirectional):
+            return module.input_size
+        if isinstance(module, Map):
+            width = _first_width(list(module.net))
+            if width is not None:
+                return width
+    return None
 
 
 class SequenceNet(nn.Module):
@@ -202,8 +462,10 @@ class SequenceNet(nn.Module):
     [B, T] of token ids or a FloatTensor [B, T, D] of vectors -- and the
     lengths of its sequences (each in 1..T). Recurrent layers run on packed
     sequences, so padding never influences a result. Returns a padded
-    [B, T, D] tensor (positions past a sequence's length are unspecified), or
-    [B, D] once a SequenceLast has run.
+    [B, T', D] tensor (positions past a sequence's length are unspecified),
+    or [B, D] once a SequenceLast has run. SequenceMost and SequenceRest
+    shorten every sequence by one; :meth:`forward_with_lengths` also returns
+    the lengths of the result.
 
     Attributes kept for export and filled by :func:`load`: ``alphabet``,
     ``labels``, ``output_name`` and ``name`` (None when unset).
@@ -214,12 +476,7 @@ class SequenceNet(nn.Module):
         modules = list(modules)
         if not modules:
             raise ValueError("a SequenceNet needs at least one module")
-        width = input_width
-        after_last = False
-        for i, module in enumerate(modules):
-            width = _check_module(module, i, after_last, width)
-            if isinstance(module, SequenceLast):
-                after_last = True
+        _check_chain(modules, input_width)
         self.layers = nn.ModuleList(modules)
         self.input_width = input_width
         self.alphabet = None
@@ -238,33 +495,26 @@ class SequenceNet(nn.Module):
             return "tokens", first.num_embeddings
         if self.input_width is not None:
             return "vectors", int(self.input_width)
-        for module in self.layers:
-            if isinstance(module, nn.Linear):
-                return "vectors", module.in_features
-            if isinstance(module, _RECURRENT):
-                return "vectors", module.input_size
-        if self.input_width is None:
+        width = _first_width(list(self.layers))
+        if width is None:
             raise ValueError("cannot infer the input width of this net; pass "
                              "input_width to SequenceNet")
-        return "vectors", int(self.input_width)
+        return "vectors", int(width)
 
     def output_width(self):
         """The feature width of the net's output."""
-        width = self.input_spec()[1] if not self.takes_tokens else None
-        for module in self.layers:
-            if isinstance(module, nn.Embedding):
-                width = module.embedding_dim
-            elif isinstance(module, nn.Linear):
-                width = module.out_features
-            elif isinstance(module, _RECURRENT):
-                width = module.hidden_size
-        return width
+        width = None if self.takes_tokens else self.input_spec()[1]
+        return _check_chain(list(self.layers), width)[0]
 
     @property
     def ends_with_sequence(self):
         return not any(isinstance(m, SequenceLast) for m in self.layers)
 
     def forward(self, x, lengths):
+        return self.forward_with_lengths(x, lengths)[0]
+
+    def forward_with_lengths(self, x, lengths):
+        """Like forward; returns (output, lengths of the output's sequences)."""
         lengths = _as_lengths(lengths)
         if x.dim() < 2:
             raise ValueError("expected a batch-first padded batch, got shape %s"
@@ -279,35 +529,31 @@ class SequenceNet(nn.Module):
         for module in self.layers:
             if isinstance(module, SequenceLast):
                 x = module(x, lengths)
+            elif isinstance(module, (SequenceMost, SequenceRest)):
+                x, lengths = module(x, lengths)
+            elif isinstance(module, (SequenceReverse, Bidirectional)):
+                x = module(x, lengths)
             elif isinstance(module, _RECURRENT):
-                x = self._run_recurrent(module, x, lengths)
+                x = _run_recurrent(module, x, lengths)
             else:
                 x = module(x)
-        return x
+        return x, lengths
 
     @staticmethod
     def _run_recurrent(module, x, lengths):
-        steps = x.shape[1]
-        if not module.batch_first:
-            x = x.transpose(0, 1)
-        packed = pack_padded_sequence(x, lengths, batch_first=module.batch_first,
-                                      enforce_sorted=False)
-        out, _ = module(packed)
-        out, _ = pad_packed_sequence(out, batch_first=module.batch_first,
-                                     total_length=steps)
-        if not module.batch_first:
-            out = out.transpose(0, 1)
-        return out
+        return _run_recurrent(module, x, lengths)
 
     def run(self, sequences):
         """Runs a list of sequences (lists of ids, or [T, D] arrays).
 
         Returns one numpy array per sequence: [T_i, D] for nets that end in a
-        sequence, [D] for nets that end after SequenceLast.
+        sequence (T_i its length after any SequenceMost or SequenceRest), [D]
+        for nets that end after SequenceLast.
         """
         x, lengths = pad_batch(sequences, tokens=self.takes_tokens)
         with torch.no_grad():
-            out = self.forward(x, lengths).cpu().numpy()
+            out, lengths = self.forward_with_lengths(x, lengths)
+        out = out.cpu().numpy()
         if self.ends_with_sequence:
             return [out[i, :int(n)] for i, n in enumerate(lengths)]
         return [out[i] for i in range(len(sequences))]
@@ -693,80 +939,251 @@ def _one(fields, name, default=None):
 _CONFIG_FIELDS = ("description", "max_sequence_length", "max_batch_size",
                   "device", "versions")
 
+_KIND_NAMES = {
+    nn.Embedding: "embedding",
+    nn.Linear: "linear",
+    nn.Softmax: "softmax",
+    SequenceLast: "last",
+    SequenceMost: "most",
+    SequenceRest: "rest",
+    SequenceReverse: "reverse",
+    Map: "map",
+    Bidirectional: "bidirectional",
+    nn.LSTM: "lstm",
+    nn.GRU: "gru",
+    nn.RNN: "rnn",
+}
+
+# Recurrent module -> (layer type, gate count).
+_RECURRENT_LAYERS = {
+    nn.RNN: ("BasicRecurrentLayer", 1),
+    nn.GRU: ("GatedRecurrentLayer", 3),
+    nn.LSTM: ("LongShortTermMemoryLayer", 4),
+}
+_RECURRENT_MODULES = {ltype: cls for cls, (ltype, _) in _RECURRENT_LAYERS.items()}
+
+_SEQUENCE_LAYERS = {
+    SequenceLast: "SequenceLastLayer",
+    SequenceMost: "SequenceMostLayer",
+    SequenceRest: "SequenceRestLayer",
+    SequenceReverse: "SequenceReverseLayer",
+}
+_SEQUENCE_MODULES = {ltype: cls for cls, ltype in _SEQUENCE_LAYERS.items()}
+
+# LayerSpec fields in the order net.proto declares them.
+_LAYER_FIELDS = ("name", "type", "inputs", "size", "vocab_size", "function",
+                 "reset_before", "net", "backward_net", "join", "iterations",
+                 "score", "dimensions", "probability")
+
 
 def _layer_base_name(module):
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Softmax):
-        return "softmax"
-    if isinstance(module, SequenceLast):
-        return "last"
-    if isinstance(module, nn.LSTM):
-        return "lstm"
-    if isinstance(module, nn.GRU):
-        return "gru"
-    if isinstance(module, nn.RNN):
-        return "rnn"
-    return _ELEMENTWISE[type(module)]
+    kind = _KIND_NAMES.get(type(module))
+    if kind is None:
+        return _ELEMENTWISE[type(module)]
+    if isinstance(module, _RECURRENT) and module.bidirectional:
+        return "bi" + kind
+    return kind
+
+
+def _take_name(used, base):
+    used[base] = used.get(base, 0) + 1
+    return base if used[base] == 1 else "%s_%d" % (base, used[base])
 
 
 def _f32(tensor):
     return np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype="<f4")
 
 
-def _layers_and_arrays(net):
-    """Returns (list of layer field dicts, dict of arrays) for a SequenceNet."""
+def _subnet(kind, width, layers):
+    """A sub-net spec with one input, "input", that outputs its last layer."""
+    return {"inputs": [{"name": "input", "kind": kind, "width": int(width)}],
+            "layers": layers}
+
+
+def _recurrent_layer(module, k, direction, name, prefix, arrays):
+    """Layer k of a recurrent module (direction "" or "_reverse") as a layer
+    named ``name``; adds its arrays, named with ``prefix``."""
+    ltype, gates = _RECURRENT_LAYERS[type(module)]
+    hidden = module.hidden_size
+    layer = {"name": name, "type": ltype, "size": hidden}
+    if isinstance(module, nn.RNN):
+        layer["function"] = module.nonlinearity
+    suffix = "_l%d%s" % (k, direction)
+    arrays[prefix + name + ".weight_ih"] = _f32(getattr(module, "weight_ih" + suffix))
+    arrays[prefix + name + ".weight_hh"] = _f32(getattr(module, "weight_hh" + suffix))
+    for bias in ("bias_ih", "bias_hh"):
+        param = getattr(module, bias + suffix, None) if module.bias else None
+        arrays[prefix + name + "." + bias] = (
+            _f32(param) if param is not None else np.zeros(gates * hidden, "<f4"))
+    return layer
+
+
+def _recurrent_layers(module, base, prefix, arrays, width):
+    """The layers of an nn.RNN/GRU/LSTM: one per layer of the module, each a
+    NetBidirectionalOperator when the module is bidirectional."""
     layers = []
-    arrays = {}
+    kind = _KIND_NAMES[type(module)]
+    for k in range(module.num_layers):
+        name = base if k == 0 else "%s_l%d" % (base, k)
+        if not module.bidirectional:
+            layers.append(_recurrent_layer(module, k, "", name, prefix, arrays))
+            width = module.hidden_size
+            continue
+        forward = _recurrent_layer(module, k, "", kind,
+                                   prefix + name + ".forward.", arrays)
+        _recurrent_layer(module, k, "_reverse", kind,
+                         prefix + name + ".backward.", arrays)
+        layers.append({"name": name, "type": "NetBidirectionalOperator",
+                       "net": _subnet("VECTOR_SEQUENCE", width, [forward]),
+                       "join": "catenate"})
+        width = 2 * module.hidden_size
+    return layers, width
+
+
+def _chain_layers(modules, prefix, arrays, width):
+    """Layer specs for a validated chain of modules whose input is ``width``
+    wide (None for token ids). Adds the arrays, named with ``prefix``;
+    returns (layers, output width)."""
+    layers = []
     used = {}
-    for module in net.layers:
+    for module in modules:
         if isinstance(module, nn.Dropout):
             continue
         if type(module) not in _SUPPORTED:
             raise ValueError("unsupported module: %s" % _describe(module))
-        base = _layer_base_name(module)
-        used[base] = used.get(base, 0) + 1
-        name = base if used[base] == 1 else "%s_%d" % (base, used[base])
+        name = _take_name(used, _layer_base_name(module))
         layer = {"name": name}
         if isinstance(module, nn.Embedding):
             layer.update(type="EmbeddingLayer", size=module.embedding_dim,
                          vocab_size=module.num_embeddings)
-            arrays[name + ".weight"] = _f32(module.weight)
+            arrays[prefix + name + ".weight"] = _f32(module.weight)
+            width = module.embedding_dim
         elif isinstance(module, nn.Linear):
             layer.update(type="LinearLayer", size=module.out_features)
-            arrays[name + ".weight"] = _f32(module.weight)
-            arrays[name + ".bias"] = (_f32(module.bias) if module.bias is not None
-                                      else np.zeros(module.out_features, "<f4"))
+            arrays[prefix + name + ".weight"] = _f32(module.weight)
+            arrays[prefix + name + ".bias"] = (
+                _f32(module.bias) if module.bias is not None
+                else np.zeros(module.out_features, "<f4"))
+            width = module.out_features
         elif isinstance(module, nn.Softmax):
             layer.update(type="SoftmaxLayer")
-        elif isinstance(module, SequenceLast):
-            layer.update(type="SequenceLastLayer")
+        elif type(module) in _SEQUENCE_LAYERS:
+            layer.update(type=_SEQUENCE_LAYERS[type(module)])
         elif isinstance(module, _RECURRENT):
-            if isinstance(module, nn.LSTM):
-                layer.update(type="LongShortTermMemoryLayer", size=module.hidden_size)
-                gates = 4
-            elif isinstance(module, nn.GRU):
-                layer.update(type="GatedRecurrentLayer", size=module.hidden_size)
-                gates = 3
-            else:
-                layer.update(type="BasicRecurrentLayer", size=module.hidden_size,
-                             function=module.nonlinearity)
-                gates = 1
-            hidden = module.hidden_size
-            arrays[name + ".weight_ih"] = _f32(module.weight_ih_l0)
-            arrays[name + ".weight_hh"] = _f32(module.weight_hh_l0)
-            for bias in ("bias_ih", "bias_hh"):
-                param = getattr(module, bias + "_l0", None) if module.bias else None
-                arrays[name + "." + bias] = (_f32(param) if param is not None
-                                             else np.zeros(gates * hidden, "<f4"))
+            more, width = _recurrent_layers(module, name, prefix, arrays, width)
+            layers.extend(more)
+            continue
+        elif isinstance(module, Map):
+            inner, out_width = _chain_layers(list(module.net), prefix + name + ".",
+                                             arrays, width)
+            layer.update(type="NetMapOperator",
+                         net=_subnet("VECTOR", width, inner))
+            width = out_width
+        elif isinstance(module, Bidirectional):
+            forward, _ = _chain_layers([module.forward_rnn],
+                                       prefix + name + ".forward.", arrays, width)
+            backward, _ = _chain_layers([module.backward_rnn],
+                                        prefix + name + ".backward.", arrays, width)
+            layer.update(type="NetBidirectionalOperator",
+                         net=_subnet("VECTOR_SEQUENCE", width, forward),
+                         backward_net=_subnet("VECTOR_SEQUENCE", width, backward),
+                         join=module.join)
+            width = module.output_size
         else:
             layer.update(type="ElementwiseLayer", function=_ELEMENTWISE[type(module)])
         layers.append(layer)
     if not layers:
         raise ValueError("the net has no layers besides dropout")
+    return layers, width
+
+
+def _layers_and_arrays(net):
+    """Returns (list of layer field dicts, dict of arrays) for a SequenceNet."""
+    kind, size = net.input_spec()
+    arrays = {}
+    layers, _ = _chain_layers(list(net.layers), "", arrays,
+                              None if kind == "tokens" else size)
     return layers, arrays
+
+
+def _write_input(w, spec):
+    w.open("inputs")
+    w.field("name", spec["name"])
+    w.field("kind", _Enum(spec["kind"]))
+    if "vocab_size" in spec:
+        w.field("vocab_size", int(spec["vocab_size"]))
+    if "width" in spec:
+        w.field("width", int(spec["width"]))
+    w.close()
+
+
+def _write_spec(w, spec):
+    """Writes a NetSpec given as a dict (see :func:`format_net`)."""
+    if spec.get("name"):
+        w.field("name", spec["name"])
+    for inp in spec.get("inputs", []):
+        _write_input(w, inp)
+    _write_layers(w, spec.get("layers", []))
+    for out in spec.get("outputs", []):
+        w.open("outputs")
+        w.field("name", out["name"])
+        if out.get("source"):
+            w.field("source", out["source"])
+        w.close()
+
+
+def _write_layers(w, layers):
+    for layer in layers:
+        unknown = sorted(set(layer) - set(_LAYER_FIELDS))
+        if unknown:
+            raise ValueError("layer %r: unknown fields %s"
+                             % (layer.get("name"), ", ".join(unknown)))
+        w.open("layers")
+        for field in _LAYER_FIELDS:
+            if field not in layer:
+                continue
+            value = layer[field]
+            if field in ("net", "backward_net"):
+                w.open(field)
+                _write_spec(w, value)
+                w.close()
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    w.field(field, item)
+            elif isinstance(value, float):
+                w.field(field, _Enum(repr(value)))
+            else:
+                w.field(field, value)
+        w.close()
+
+
+def format_net(spec):
+    """Formats a net description given as nested dicts in protobuf text
+    format, for nets the chain exporter cannot express (several inputs or
+    outputs, wiring, Fold and Nest operators).
+
+    ``spec`` holds ``name``, ``inputs`` (dicts of ``name``, ``kind``
+    -- "TOKEN_SEQUENCE", "VECTOR_SEQUENCE" or "VECTOR" -- and ``width`` or
+    ``vocab_size``), ``layers`` (dicts of LayerSpec fields: ``name``,
+    ``type``, ``inputs`` (a list of "port=source" or "source" strings),
+    ``size``, ``function``, ``net`` and ``backward_net`` (nested specs),
+    ``join``, ``iterations``, ``score``, ``dimensions``, ``probability``,
+    ...) and ``outputs`` (dicts of ``name`` and ``source``). Returns the
+    text.
+    """
+    w = _Writer()
+    _write_spec(w, spec)
+    return w.text()
+
+
+def _ends_in_softmax(modules):
+    effective = [m for m in modules if not isinstance(m, nn.Dropout)]
+    if not effective:
+        return False
+    last = effective[-1]
+    if isinstance(last, Map):
+        return _ends_in_softmax(list(last.net))
+    return isinstance(last, nn.Softmax)
 
 
 def write_net(net, version_dir, name, labels=None, alphabet=None,
@@ -774,18 +1191,14 @@ def write_net(net, version_dir, name, labels=None, alphabet=None,
     """Writes ``net.pbtxt`` and ``weights.safetensors`` into ``version_dir``.
 
     ``labels`` (a list of class names) adds a class decoder to the output;
-    the net must then end in nn.Softmax. ``alphabet`` (a string) adds a
-    characters encoder to a token input. Raises ValueError for anything the
-    format cannot express.
+    the net must then end in nn.Softmax (or in a Map whose chain ends in
+    one). ``alphabet`` (a string) adds a characters encoder to a token
+    input. Raises ValueError for anything the format cannot express.
     """
     if not isinstance(net, SequenceNet):
         raise ValueError("export needs a SequenceNet, got %s" % type(net).__name__)
     # Re-validate: the modules may have been changed since construction.
-    width = net.input_width
-    after_last = False
-    for i, module in enumerate(net.layers):
-        width = _check_module(module, i, after_last, width)
-        after_last = after_last or isinstance(module, SequenceLast)
+    _check_chain(list(net.layers), net.input_width)
     layers, arrays = _layers_and_arrays(net)
     kind, size = net.input_spec()
     if not output_name:
@@ -808,8 +1221,7 @@ def write_net(net, version_dir, name, labels=None, alphabet=None,
             raise ValueError("ignore_case needs a lower-case alphabet")
     if labels is not None:
         labels = [str(label) for label in labels]
-        last = [m for m in net.layers if not isinstance(m, nn.Dropout)][-1]
-        if not isinstance(last, nn.Softmax):
+        if not _ends_in_softmax(list(net.layers)):
             raise ValueError("class labels need a net that ends in nn.Softmax")
         out_width = net.output_width()
         if out_width is not None and out_width != len(labels):
@@ -839,12 +1251,7 @@ def write_net(net, version_dir, name, labels=None, alphabet=None,
         w.close()
         w.close()
     w.close()
-    for layer in layers:
-        w.open("layers")
-        for field in ("name", "type", "size", "vocab_size", "function"):
-            if field in layer:
-                w.field(field, layer[field])
-        w.close()
+    _write_layers(w, layers)
     w.open("outputs")
     w.field("name", output_name)
     if labels is not None:
@@ -924,14 +1331,230 @@ def export(net, model_root, model_name, version=1, labels=None, alphabet=None,
 # --------------------------------------------------------------------------
 
 
-def _array(arrays, name, shape):
-    if name not in arrays:
-        raise ValueError("weights.safetensors has no array %r" % name)
-    array = arrays[name]
-    if tuple(array.shape) != tuple(shape):
-        raise ValueError("array %r has shape %s, expected %s"
-                         % (name, tuple(array.shape), tuple(shape)))
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+class _Arrays:
+    """The arrays of a weights file, remembering which ones were read."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+        self.used = set()
+
+    def columns(self, name):
+        if name not in self.arrays:
+            raise ValueError("weights.safetensors has no array %r" % name)
+        array = self.arrays[name]
+        if array.ndim != 2:
+            raise ValueError("array %r has shape %s, expected 2 dimensions"
+                             % (name, tuple(array.shape)))
+        return int(array.shape[1])
+
+    def take(self, name, shape):
+        if name not in self.arrays:
+            raise ValueError("weights.safetensors has no array %r" % name)
+        array = self.arrays[name]
+        if tuple(array.shape) != tuple(shape):
+            raise ValueError("array %r has shape %s, expected %s"
+                             % (name, tuple(array.shape), tuple(shape)))
+        self.used.add(name)
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def _stack_name(name, base, k):
+    return name == "%s_l%d" % (base, k)
+
+
+def _copy_recurrent(module, k, direction, arrays, prefix, in_width):
+    """Fills layer k (direction "" or "_reverse") of a recurrent module from
+    the arrays of the layer named by ``prefix`` ("<...>.<layer>")."""
+    gates = _RECURRENT_LAYERS[type(module)][1]
+    hidden = module.hidden_size
+    suffix = "_l%d%s" % (k, direction)
+    with torch.no_grad():
+        getattr(module, "weight_ih" + suffix).copy_(
+            arrays.take(prefix + ".weight_ih", (gates * hidden, in_width)))
+        getattr(module, "weight_hh" + suffix).copy_(
+            arrays.take(prefix + ".weight_hh", (gates * hidden, hidden)))
+        getattr(module, "bias_ih" + suffix).copy_(
+            arrays.take(prefix + ".bias_ih", (gates * hidden,)))
+        getattr(module, "bias_hh" + suffix).copy_(
+            arrays.take(prefix + ".bias_hh", (gates * hidden,)))
+
+
+def _recurrent_kind(layer):
+    """(module class, size, function) of a recurrent layer spec."""
+    name = _one(layer, "name", "")
+    ltype = _one(layer, "type", "")
+    if ltype == "GatedRecurrentLayer" and _one(layer, "reset_before") == "true":
+        raise ValueError("layer %r: reset_before has no PyTorch equivalent" % name)
+    function = _one(layer, "function", "") or "tanh"
+    if ltype == "BasicRecurrentLayer" and function not in ("tanh", "relu"):
+        raise ValueError("layer %r: unsupported function %r" % (name, function))
+    if ltype != "BasicRecurrentLayer":
+        function = None
+    return _RECURRENT_MODULES[ltype], int(_one(layer, "size", 0)), function
+
+
+def _new_recurrent(cls, in_width, size, function, num_layers, bidirectional):
+    kwargs = dict(num_layers=num_layers, bidirectional=bidirectional,
+                  batch_first=True)
+    if cls is nn.RNN:
+        kwargs["nonlinearity"] = function
+    return cls(in_width, size, **kwargs)
+
+
+def _plain_bidirectional(layer):
+    """The recurrent layer spec of a NetBidirectionalOperator that an
+    nn.RNN/GRU/LSTM(bidirectional=True) wrote (no backward net, catenate,
+    one recurrent layer), else None."""
+    if _one(layer, "type", "") != "NetBidirectionalOperator":
+        return None
+    if _one(layer, "backward_net") is not None:
+        return None
+    if (_one(layer, "join", "") or "catenate") != "catenate":
+        return None
+    net = _one(layer, "net")
+    if (net is None or len(net.get("inputs", [])) != 1
+            or len(net.get("layers", [])) != 1 or net.get("outputs")):
+        return None
+    inner = net["layers"][0]
+    if _one(inner, "type", "") not in _RECURRENT_MODULES or inner.get("inputs"):
+        return None
+    return inner
+
+
+def _subnet_layers(layer, field, where):
+    name = _one(layer, "name", "")
+    net = _one(layer, field)
+    if net is None:
+        raise ValueError("layer %r: %s has no %s" % (name, where, field))
+    if len(net.get("inputs", [])) != 1:
+        raise ValueError("layer %r: the sub-net needs one input, it has %d"
+                         % (name, len(net.get("inputs", []))))
+    if net.get("outputs"):
+        raise ValueError("layer %r: only sub-nets that output their last layer "
+                         "are supported" % name)
+    return net.get("layers", [])
+
+
+def _load_chain(layers, arrays, prefix, width, top):
+    """Modules for a chain of layer specs whose input is ``width`` wide (None
+    for token ids). Returns (modules, output width)."""
+    modules = []
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        name = _one(layer, "name", "")
+        ltype = _one(layer, "type", "")
+        full = prefix + name
+        if layer.get("inputs"):
+            raise ValueError("layer %r: only chains are supported (no inputs)" % name)
+        size = int(_one(layer, "size", 0))
+        function = _one(layer, "function", "")
+        i += 1
+        if ltype == "EmbeddingLayer":
+            if not top or modules or width is not None:
+                raise ValueError("layer %r: an embedding must come first" % name)
+            vocab = int(_one(layer, "vocab_size", 0))
+            module = nn.Embedding(vocab, size)
+            with torch.no_grad():
+                module.weight.copy_(arrays.take(full + ".weight", (vocab, size)))
+            width = size
+        elif ltype == "LinearLayer":
+            in_width = arrays.columns(full + ".weight")
+            if width is not None and in_width != width:
+                raise ValueError("layer %r: weight has %d columns, input width is %d"
+                                 % (name, in_width, width))
+            module = nn.Linear(in_width, size)
+            with torch.no_grad():
+                module.weight.copy_(arrays.take(full + ".weight", (size, in_width)))
+                module.bias.copy_(arrays.take(full + ".bias", (size,)))
+            width = size
+        elif ltype == "ElementwiseLayer":
+            if function not in _ELEMENTWISE_MODULES:
+                raise ValueError("layer %r: unsupported function %r" % (name, function))
+            module = _ELEMENTWISE_MODULES[function]()
+        elif ltype == "SoftmaxLayer":
+            module = nn.Softmax(dim=-1)
+        elif ltype in _SEQUENCE_MODULES:
+            module = _SEQUENCE_MODULES[ltype]()
+        elif ltype in _RECURRENT_MODULES:
+            # Layers named "<name>_l1", "<name>_l2", ... of the same kind
+            # right after it are the upper layers of one stacked module.
+            cls, size, function = _recurrent_kind(layer)
+            stack = [layer]
+            while (i < len(layers) and _stack_name(_one(layers[i], "name", ""), name, len(stack))
+                   and _one(layers[i], "type", "") == ltype
+                   and not layers[i].get("inputs")
+                   and _recurrent_kind(layers[i]) == (cls, size, function)):
+                stack.append(layers[i])
+                i += 1
+            in_width = arrays.columns(full + ".weight_ih")
+            if width is not None and in_width != width:
+                raise ValueError("layer %r: weight_ih has %d columns, input width "
+                                 "is %d" % (name, in_width, width))
+            module = _new_recurrent(cls, in_width, size, function, len(stack), False)
+            for k, part in enumerate(stack):
+                _copy_recurrent(module, k, "", arrays, prefix + _one(part, "name", ""),
+                                in_width if k == 0 else size)
+            width = size
+        elif ltype == "NetBidirectionalOperator" and _plain_bidirectional(layer) is not None:
+            inner = _plain_bidirectional(layer)
+            cls, size, function = _recurrent_kind(inner)
+            inner_name = _one(inner, "name", "")
+            stack = [layer]
+            while (i < len(layers) and _stack_name(_one(layers[i], "name", ""), name, len(stack))
+                   and not layers[i].get("inputs")
+                   and _plain_bidirectional(layers[i]) is not None
+                   and _one(_plain_bidirectional(layers[i]), "name", "") == inner_name
+                   and _recurrent_kind(_plain_bidirectional(layers[i])) == (cls, size, function)):
+                stack.append(layers[i])
+                i += 1
+            in_width = arrays.columns("%s.forward.%s.weight_ih" % (full, inner_name))
+            if width is not None and in_width != width:
+                raise ValueError("layer %r: weight_ih has %d columns, input width "
+                                 "is %d" % (name, in_width, width))
+            module = _new_recurrent(cls, in_width, size, function, len(stack), True)
+            for k, part in enumerate(stack):
+                part_prefix = prefix + _one(part, "name", "")
+                k_width = in_width if k == 0 else 2 * size
+                _copy_recurrent(module, k, "", arrays,
+                                "%s.forward.%s" % (part_prefix, inner_name), k_width)
+                _copy_recurrent(module, k, "_reverse", arrays,
+                                "%s.backward.%s" % (part_prefix, inner_name), k_width)
+            width = 2 * size
+        elif ltype == "NetBidirectionalOperator":
+            join = _one(layer, "join", "") or "catenate"
+            if join not in _JOINS:
+                raise ValueError("layer %r: unsupported join %r" % (name, join))
+            forward_layers = _subnet_layers(layer, "net", "the operator")
+            backward_layers = (_subnet_layers(layer, "backward_net", "the operator")
+                               if _one(layer, "backward_net") is not None
+                               else forward_layers)
+            parts = []
+            for part, part_layers in (("forward", forward_layers),
+                                      ("backward", backward_layers)):
+                inner, _ = _load_chain(part_layers, arrays,
+                                       "%s.%s." % (full, part), width, False)
+                if len(inner) != 1 or type(inner[0]) not in _RECURRENT:
+                    raise ValueError("layer %r: only %s sub-nets of one recurrent "
+                                     "module are supported" % (name, part))
+                parts.append(inner[0])
+            module = Bidirectional(parts[0], parts[1], join=join)
+            width = module.output_size
+        elif ltype == "NetMapOperator":
+            inner, width = _load_chain(_subnet_layers(layer, "net", "the operator"),
+                                       arrays, full + ".", width, False)
+            for m in inner:
+                if type(m) not in _ROWWISE:
+                    raise ValueError("layer %r: only row-wise layers are supported "
+                                     "in a mapped sub-net, found %s"
+                                     % (name, type(m).__name__))
+            module = Map(nn.Sequential(*inner))
+        else:
+            raise ValueError("layer %r: unsupported type %r" % (name, ltype))
+        modules.append(module)
+    if not modules:
+        raise ValueError("a net has no layers")
+    return modules, width
 
 
 def load(version_dir):
@@ -939,11 +1562,14 @@ def load(version_dir):
     back into a SequenceNet in eval mode.
 
     The net's ``name``, ``alphabet``, ``labels`` and ``output_name``
-    attributes are filled from net.pbtxt.
+    attributes are filled from net.pbtxt. Stacked recurrent layers named as
+    the exporter names them load as one multi-layer module, and
+    NetBidirectionalOperators without a backward net as bidirectional
+    modules, so that a loaded net has the structure of the exported one.
     """
     with open(os.path.join(version_dir, "net.pbtxt"), encoding="utf-8") as f:
         spec = parse_text_proto(f.read())
-    arrays = read_safetensors(os.path.join(version_dir, "weights.safetensors"))
+    arrays = _Arrays(read_safetensors(os.path.join(version_dir, "weights.safetensors")))
 
     inputs = spec.get("inputs", [])
     if len(inputs) != 1:
@@ -967,69 +1593,11 @@ def load(version_dir):
     else:
         raise ValueError("unsupported input kind %r" % (kind,))
 
-    modules = []
-    for i, layer in enumerate(spec.get("layers", [])):
-        name = _one(layer, "name", "")
-        ltype = _one(layer, "type", "")
-        if layer.get("inputs"):
-            raise ValueError("layer %r: only chains are supported (no inputs)" % name)
-        size = int(_one(layer, "size", 0))
-        function = _one(layer, "function", "")
-        if ltype == "EmbeddingLayer":
-            vocab = int(_one(layer, "vocab_size", 0))
-            module = nn.Embedding(vocab, size)
-            with torch.no_grad():
-                module.weight.copy_(_array(arrays, name + ".weight", (vocab, size)))
-            width = size
-        elif ltype == "LinearLayer":
-            if name + ".weight" not in arrays:
-                raise ValueError("weights.safetensors has no array %r" % (name + ".weight"))
-            in_width = arrays[name + ".weight"].shape[1]
-            if width is not None and in_width != width:
-                raise ValueError("layer %r: weight has %d columns, input width is %d"
-                                 % (name, in_width, width))
-            module = nn.Linear(in_width, size)
-            with torch.no_grad():
-                module.weight.copy_(_array(arrays, name + ".weight", (size, in_width)))
-                module.bias.copy_(_array(arrays, name + ".bias", (size,)))
-            width = size
-        elif ltype == "ElementwiseLayer":
-            if function not in _ELEMENTWISE_MODULES:
-                raise ValueError("layer %r: unsupported function %r" % (name, function))
-            module = _ELEMENTWISE_MODULES[function]()
-        elif ltype == "SoftmaxLayer":
-            module = nn.Softmax(dim=-1)
-        elif ltype == "SequenceLastLayer":
-            module = SequenceLast()
-        elif ltype in ("BasicRecurrentLayer", "GatedRecurrentLayer",
-                       "LongShortTermMemoryLayer"):
-            key = name + ".weight_ih"
-            if key not in arrays:
-                raise ValueError("weights.safetensors has no array %r" % key)
-            in_width = arrays[key].shape[1]
-            if ltype == "BasicRecurrentLayer":
-                module = nn.RNN(in_width, size, nonlinearity=function or "tanh",
-                                batch_first=True)
-                gates = 1
-            elif ltype == "GatedRecurrentLayer":
-                if _one(layer, "reset_before") == "true":
-                    raise ValueError("layer %r: reset_before has no PyTorch "
-                                     "equivalent" % name)
-                module = nn.GRU(in_width, size, batch_first=True)
-                gates = 3
-            else:
-                module = nn.LSTM(in_width, size, batch_first=True)
-                gates = 4
-            with torch.no_grad():
-                module.weight_ih_l0.copy_(_array(arrays, key, (gates * size, in_width)))
-                module.weight_hh_l0.copy_(_array(arrays, name + ".weight_hh",
-                                                 (gates * size, size)))
-                module.bias_ih_l0.copy_(_array(arrays, name + ".bias_ih", (gates * size,)))
-                module.bias_hh_l0.copy_(_array(arrays, name + ".bias_hh", (gates * size,)))
-            width = size
-        else:
-            raise ValueError("layer %r: unsupported type %r" % (name, ltype))
-        modules.append(module)
+    modules, _ = _load_chain(spec.get("layers", []), arrays, "", width, True)
+    unused = sorted(set(arrays.arrays) - arrays.used)
+    if unused:
+        raise ValueError("weights.safetensors has arrays no layer uses: %s"
+                         % ", ".join(unused))
 
     input_width = int(_one(inp, "width", 0)) if kind == "VECTOR_SEQUENCE" else None
     net = SequenceNet(modules, input_width=input_width)

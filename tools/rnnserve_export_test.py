@@ -1,0 +1,219 @@
+#!/usr/bin/python3
+"""Tests of rnnserve_export: what export writes, load reads back the same.
+
+    /usr/bin/python3 tools/rnnserve_export_test.py
+"""
+
+import os
+import sys
+import tempfile
+import unittest
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import rnnserve_export as rx  # noqa: E402
+
+LENGTHS = [3, 1, 6, 2, 6, 4]
+
+
+def _vectors(width, lengths=LENGTHS, seed=0):
+    rng = np.random.RandomState(seed)
+    return [rng.standard_normal((n, width)).astype(np.float32) for n in lengths]
+
+
+def _tokens(vocab, lengths=LENGTHS, seed=0):
+    rng = np.random.RandomState(seed)
+    return [rng.randint(0, vocab, n) for n in lengths]
+
+
+class RoundTrip(unittest.TestCase):
+    def setUp(self):
+        torch.manual_seed(0)
+        self.tmp = tempfile.TemporaryDirectory()
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def round_trip(self, net, seqs, **kwargs):
+        net.eval()
+        version_dir = rx.export(net, self.tmp.name, "m", **kwargs)
+        loaded = rx.load(version_dir)
+        want = net.run(seqs)
+        got = loaded.run(seqs)
+        self.assertEqual(len(want), len(got))
+        for a, b in zip(want, got):
+            self.assertTrue(np.array_equal(a, b))
+        with open(os.path.join(version_dir, "net.pbtxt")) as f:
+            text = f.read()
+        return loaded, text, rx.read_safetensors(
+            os.path.join(version_dir, "weights.safetensors"))
+
+    def test_plain_chain(self):
+        net = rx.SequenceNet([nn.Embedding(9, 4), nn.LSTM(4, 6, batch_first=True),
+                              rx.SequenceLast(), nn.Linear(6, 3), nn.Softmax(dim=-1)])
+        loaded, _, _ = self.round_trip(net, _tokens(9), labels=["a", "b", "c"])
+        self.assertEqual(loaded.labels, ["a", "b", "c"])
+
+    def test_stacked_layers(self):
+        lstm = nn.LSTM(5, 7, num_layers=3, dropout=0.3)
+        gru = nn.GRU(7, 4, num_layers=2, batch_first=True, bias=False)
+        net = rx.SequenceNet([lstm, gru])
+        loaded, text, arrays = self.round_trip(net, _vectors(5))
+        for name in ("lstm", "lstm_l1", "lstm_l2", "gru", "gru_l1"):
+            self.assertIn('name: "%s"' % name, text)
+        self.assertEqual(arrays["lstm_l2.weight_ih"].shape, (28, 7))
+        self.assertFalse(arrays["gru_l1.bias_hh"].any())
+        self.assertEqual([type(m) for m in loaded.layers], [nn.LSTM, nn.GRU])
+        self.assertEqual(loaded.layers[0].num_layers, 3)
+        self.assertEqual(loaded.layers[1].num_layers, 2)
+
+    def test_two_stacked_modules_stay_apart(self):
+        net = rx.SequenceNet([nn.RNN(5, 6, num_layers=2, nonlinearity="relu"),
+                              nn.RNN(6, 6, num_layers=2)])
+        loaded, text, _ = self.round_trip(net, _vectors(5))
+        for name in ("rnn", "rnn_l1", "rnn_2", "rnn_2_l1"):
+            self.assertIn('name: "%s"' % name, text)
+        self.assertEqual([m.num_layers for m in loaded.layers], [2, 2])
+        self.assertEqual(loaded.layers[0].nonlinearity, "relu")
+
+    def test_bidirectional_module(self):
+        lstm = nn.LSTM(5, 6, num_layers=2, bidirectional=True, batch_first=True)
+        net = rx.SequenceNet([lstm, rx.SequenceLast(), nn.Linear(12, 2)])
+        loaded, text, arrays = self.round_trip(net, _vectors(5))
+        self.assertIn('type: "NetBidirectionalOperator"', text)
+        self.assertIn('name: "bilstm_l1"', text)
+        self.assertTrue(np.array_equal(arrays["bilstm_l1.backward.lstm.weight_ih"],
+                                       lstm.weight_ih_l1_reverse.detach().numpy()))
+        self.assertEqual(arrays["bilstm_l1.forward.lstm.weight_ih"].shape, (24, 12))
+        self.assertTrue(loaded.layers[0].bidirectional)
+        self.assertEqual(loaded.layers[0].num_layers, 2)
+
+    def test_bidirectional_wrapper_matches_pytorch(self):
+        lstm = nn.LSTM(5, 6, bidirectional=True, batch_first=True)
+        fwd = nn.LSTM(5, 6)
+        bwd = nn.LSTM(5, 6, batch_first=True)
+        with torch.no_grad():
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(fwd, name + "_l0").copy_(getattr(lstm, name + "_l0"))
+                getattr(bwd, name + "_l0").copy_(getattr(lstm, name + "_l0_reverse"))
+        x, lengths = rx.pad_batch(_vectors(5))
+        with torch.no_grad():
+            packed = pack_padded_sequence(x, lengths, batch_first=True,
+                                          enforce_sorted=False)
+            want, _ = pad_packed_sequence(lstm(packed)[0], batch_first=True)
+            got = rx.Bidirectional(fwd, bwd)(x, lengths)
+        for i, n in enumerate(LENGTHS):
+            np.testing.assert_allclose(got[i, :n].numpy(), want[i, :n].numpy(),
+                                       rtol=0, atol=1e-6)
+
+    def test_bidirectional_wrapper_round_trip(self):
+        for join in ("catenate", "total", "mean"):
+            bi = rx.Bidirectional(nn.GRU(5, 6), nn.RNN(5, 6, num_layers=2), join=join)
+            net = rx.SequenceNet([bi, nn.Linear(bi.output_size, 3)])
+            loaded, text, arrays = self.round_trip(net, _vectors(5))
+            self.assertIn('join: "%s"' % join, text)
+            self.assertIn("backward_net {", text)
+            self.assertIn("bidirectional.backward.rnn_l1.weight_hh", arrays)
+            self.assertIsInstance(loaded.layers[0], rx.Bidirectional)
+            self.assertEqual(loaded.layers[0].join, join)
+
+    def test_map(self):
+        lstm = nn.LSTM(5, 6, batch_first=True)
+        body = rx.Map([nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.1), nn.Linear(8, 3),
+                       nn.Softmax(dim=-1)])
+        net = rx.SequenceNet([lstm, body])
+        loaded, text, arrays = self.round_trip(net, _vectors(5), labels=["x", "y", "z"])
+        self.assertIn('type: "NetMapOperator"', text)
+        self.assertIn("map.linear_2.bias", arrays)
+        self.assertEqual(loaded.labels, ["x", "y", "z"])
+        self.assertIsInstance(loaded.layers[1], rx.Map)
+
+    def test_sequence_layers(self):
+        seqs = _vectors(5, lengths=[3, 2, 5, 2])
+        x, lengths = rx.pad_batch(seqs)
+        with torch.no_grad():
+            most, most_lengths = rx.SequenceMost()(x, lengths)
+            rest, rest_lengths = rx.SequenceRest()(x, lengths)
+            rev = rx.SequenceReverse()(x, lengths)
+        for i, s in enumerate(seqs):
+            n = len(s)
+            self.assertEqual(int(most_lengths[i]), n - 1)
+            self.assertEqual(int(rest_lengths[i]), n - 1)
+            self.assertTrue(np.array_equal(most[i, :n - 1].numpy(), s[:-1]))
+            self.assertTrue(np.array_equal(rest[i, :n - 1].numpy(), s[1:]))
+            self.assertTrue(np.array_equal(rev[i, :n].numpy(), s[::-1]))
+        net = rx.SequenceNet([rx.SequenceRest(), nn.GRU(5, 4, batch_first=True),
+                              rx.SequenceMost(), rx.SequenceReverse()])
+        seqs = _vectors(5, lengths=[3, 4, 5, 3])
+        out = net.run(seqs)
+        self.assertEqual([len(o) for o in out], [1, 2, 3, 1])
+        self.round_trip(net, seqs)
+        with self.assertRaises(ValueError):
+            net.run(_vectors(5, lengths=[3, 1]))
+
+    def test_unused_arrays_are_refused(self):
+        net = rx.SequenceNet([nn.GRU(5, 4, batch_first=True)])
+        version_dir = rx.export(net, self.tmp.name, "m")
+        path = os.path.join(version_dir, "weights.safetensors")
+        arrays = rx.read_safetensors(path)
+        arrays["stray.weight"] = np.zeros(3, np.float32)
+        rx.write_safetensors(path, arrays)
+        with self.assertRaisesRegex(ValueError, "stray.weight"):
+            rx.load(version_dir)
+
+    def test_format_net(self):
+        spec = {
+            "name": "g",
+            "inputs": [{"name": "input", "kind": "VECTOR_SEQUENCE", "width": 5},
+                       {"name": "h0", "kind": "VECTOR", "width": 4}],
+            "layers": [
+                {"name": "fold", "type": "NetFoldListOperator",
+                 "inputs": ["input", "h=h0"],
+                 "net": {"inputs": [{"name": "x", "kind": "VECTOR", "width": 5},
+                                    {"name": "h", "kind": "VECTOR", "width": 4}],
+                         "layers": [{"name": "xh", "type": "CatenateLayer",
+                                     "inputs": ["x", "h"]},
+                                    {"name": "linear", "type": "LinearLayer",
+                                     "size": 4}],
+                         "outputs": [{"name": "h", "source": "linear"}]}},
+                {"name": "drop", "type": "DropoutLayer", "probability": 0.25},
+                {"name": "shape", "type": "ReshapeLayer", "dimensions": [2, 2]},
+            ],
+            "outputs": [{"name": "output", "source": "shape"},
+                        {"name": "states", "source": "fold.h"}],
+        }
+        parsed = rx.parse_text_proto(rx.format_net(spec))
+        fold = parsed["layers"][0]
+        self.assertEqual(fold["inputs"], ["input", "h=h0"])
+        self.assertEqual(fold["net"][0]["outputs"][0]["source"], ["linear"])
+        self.assertEqual(parsed["layers"][1]["probability"], [0.25])
+        self.assertEqual(parsed["layers"][2]["dimensions"], [2, 2])
+        self.assertEqual(parsed["outputs"][1]["source"], ["fold.h"])
+        with self.assertRaises(ValueError):
+            rx.format_net({"layers": [{"name": "x", "type": "LinearLayer",
+                                       "sise": 3}]})
+
+    def test_refusals(self):
+        with self.assertRaises(ValueError):
+            rx.Map(nn.LSTM(4, 4))
+        with self.assertRaises(ValueError):
+            rx.Bidirectional(nn.LSTM(4, 4), nn.LSTM(4, 5))
+        with self.assertRaises(ValueError):
+            rx.Bidirectional(nn.LSTM(4, 4), nn.LSTM(4, 4), join="max")
+        with self.assertRaises(ValueError):
+            rx.SequenceNet([nn.LSTM(4, 4), rx.SequenceLast(), rx.Map(nn.Tanh())])
+        with self.assertRaises(ValueError):
+            rx.SequenceNet([nn.LSTM(4, 4), rx.SequenceLast(), rx.SequenceReverse()])
+        with self.assertRaises(ValueError):
+            rx.SequenceNet([nn.LSTM(4, 4, proj_size=2)])
+        with self.assertRaises(ValueError):
+            rx.SequenceNet([nn.LSTM(4, 6, bidirectional=True), nn.Linear(6, 2)])
+
+
+if __name__ == "__main__":
+    unittest.main()
