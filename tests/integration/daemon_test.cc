@@ -70,6 +70,7 @@ using ::testing::IsEmpty;
 constexpr char kDaemonPath[] = RNNSERVE_BINARY_DIR "/server/rnnserve";
 constexpr char kRnnctlPath[] = RNNSERVE_BINARY_DIR "/client/rnnctl";
 constexpr char kExampleDir[] = RNNSERVE_SOURCE_DIR "/examples/models/brackets";
+constexpr char kTaggerDir[] = RNNSERVE_SOURCE_DIR "/examples/models/tagger";
 constexpr char kReferenceScript[] =
     RNNSERVE_SOURCE_DIR "/tools/reference_outputs.py";
 constexpr char kPython[] = "/usr/bin/python3";
@@ -724,6 +725,9 @@ class DaemonTest : public ::testing::Test {
       fs::copy(kExampleDir, repository / "brackets",
                fs::copy_options::recursive);
     }
+    ASSERT_TRUE(fs::exists(fs::path(kTaggerDir)))
+        << "examples/models/tagger is missing";
+    fs::copy(kTaggerDir, repository / "tagger", fs::copy_options::recursive);
 
     absl::StatusOr<std::unique_ptr<DaemonProcess>> daemon =
         DaemonProcess::Start(repository, folder_->path() / "daemon.log");
@@ -869,7 +873,7 @@ TEST_F(DaemonTest, ListModelsShowsEveryModelWithItsStateAndReason) {
   absl::StatusOr<v1::ListModelsResponse> list = client().ListModels();
   ASSERT_TRUE(list.ok()) << list.status();
 
-  std::vector<std::string> expected = {"tiny"};
+  std::vector<std::string> expected = {"tiny", "tagger"};
   if (fs::exists(fs::path(kExampleDir))) expected.push_back("brackets");
   for (const BrokenModel& broken : BrokenModels()) {
     expected.push_back(broken.name);
@@ -916,6 +920,12 @@ TEST_F(DaemonTest, ListModelsShowsEveryModelWithItsStateAndReason) {
       EXPECT_EQ(model.inputs(0).encoder(), "characters");
       ASSERT_EQ(model.outputs_size(), 1);
       EXPECT_GE(model.outputs(0).labels_size(), 2);
+    } else if (model.name() == "tagger") {
+      EXPECT_EQ(model.state(), v1::ModelInfo::READY) << model.reason();
+      EXPECT_EQ(model.inputs(0).encoder(), "characters");
+      ASSERT_EQ(model.outputs_size(), 1);
+      EXPECT_TRUE(model.outputs(0).sequence());
+      EXPECT_EQ(model.outputs(0).labels_size(), 4);
     } else {
       EXPECT_EQ(model.state(), v1::ModelInfo::FAILED);
       EXPECT_THAT(model.inputs(), IsEmpty());
@@ -1424,6 +1434,61 @@ TEST_F(DaemonTest, ExampleModelMatchesPyTorchOnHeldOutStrings) {
   RecordProperty("max_abs_error", absl::StrFormat("%.3g", max_error));
   RecordProperty("probabilities_compared", static_cast<int>(compared));
   std::printf("brackets vs PyTorch: %zu probabilities, max abs error %.3g\n",
+              compared, max_error);
+}
+
+// The second example: a per-character tagger whose output is a sequence of
+// class distributions, from a bidirectional LSTM and a NetMap head.
+TEST_F(DaemonTest, TaggerExampleMatchesPyTorchOnEveryCharacter) {
+  absl::StatusOr<v1::ModelInfo> info = client().GetModel("tagger");
+  ASSERT_TRUE(info.ok()) << info.status();
+  ASSERT_EQ(info->state(), v1::ModelInfo::READY) << info->reason();
+  ASSERT_TRUE(info->outputs(0).sequence());
+  const std::vector<std::string> labels(info->outputs(0).labels().begin(),
+                                        info->outputs(0).labels().end());
+
+  const fs::path reference = folder_->path() / "tagger_reference.json";
+  const fs::path version_dir = folder_->path() / "models" / "tagger" /
+                               absl::StrCat(info->version());
+  const CommandResult script = RunCommand(absl::StrCat(
+      kPython, " ", ShellQuote(kReferenceScript), " ",
+      ShellQuote(version_dir.string()), " --count 50 --seed 12345 --out ",
+      ShellQuote(reference.string())));
+  ASSERT_EQ(script.exit_code, 0) << "tools/reference_outputs.py failed:\n"
+                                 << script.output;
+  std::ifstream in(reference);
+  const nlohmann::json json = nlohmann::json::parse(in, nullptr, false);
+  ASSERT_FALSE(json.is_discarded()) << "cannot parse " << reference;
+  const nlohmann::json& cases = json.at("cases");
+  ASSERT_EQ(cases.size(), 50u);
+
+  std::vector<std::string> texts;
+  for (const nlohmann::json& c : cases) {
+    texts.push_back(c.at("text").get<std::string>());
+  }
+  absl::StatusOr<v1::InferResponse> response =
+      client().Infer(TextRequest("tagger", texts));
+  ASSERT_TRUE(response.ok()) << response.status();
+  double max_error = 0;
+  size_t compared = 0;
+  for (size_t k = 0; k < texts.size(); ++k) {
+    SCOPED_TRACE(absl::StrCat("case ", k, " '", texts[k], "'"));
+    const auto expected =
+        cases[k].at("probabilities").get<std::vector<std::vector<double>>>();
+    const v1::OutputValue& out = response->results(k).outputs(0);
+    ASSERT_EQ(out.classes_size(), static_cast<int>(expected.size()));
+    for (size_t t = 0; t < expected.size(); ++t) {
+      ExpectWellFormedClasses(out.classes(t), labels);
+      for (size_t c = 0; c < labels.size(); ++c) {
+        const double error =
+            std::abs(out.classes(t).probabilities(c) - expected[t][c]);
+        max_error = std::max(max_error, error);
+        EXPECT_LE(error, 1e-5) << "element " << t << " class " << labels[c];
+        ++compared;
+      }
+    }
+  }
+  std::printf("tagger vs PyTorch: %zu probabilities, max abs error %.3g\n",
               compared, max_error);
 }
 
