@@ -120,8 +120,8 @@ absl::Status CharactersEncoder::Encode(absl::string_view text,
   while (pos < text.size()) {
     char32_t c;
     if (!DecodeUtf8(text, &pos, &c)) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "text is not valid UTF-8 at byte %d", pos));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("text is not valid UTF-8 at byte %d", pos));
     }
     auto it = ids_.find(ignore_case_ ? Fold(c) : c);
     if (it != ids_.end()) {

@@ -26,8 +26,7 @@ class CharactersEncoder {
   // character and its position when the text is not valid UTF-8 or holds a
   // character outside the alphabet (unless the encoder has an unknown
   // token).
-  absl::Status Encode(absl::string_view text,
-                      std::vector<int32_t>* ids) const;
+  absl::Status Encode(absl::string_view text, std::vector<int32_t>* ids) const;
 
   // Number of ids the encoder can produce.
   int64_t vocab_size() const;

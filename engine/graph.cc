@@ -35,9 +35,9 @@ absl::StatusOr<std::unique_ptr<Graph>> Graph::Build(
     return absl::InvalidArgumentError("the net has no layers");
   }
   if (static_cast<int>(input_types.size()) != spec.inputs_size()) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "the net declares %d inputs where %d are given", spec.inputs_size(),
-        input_types.size()));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("the net declares %d inputs where %d are given",
+                        spec.inputs_size(), input_types.size()));
   }
   Scope scope;
   for (int i = 0; i < spec.inputs_size(); ++i) {
@@ -61,8 +61,8 @@ absl::StatusOr<std::unique_ptr<Graph>> Graph::Build(
       return Source{-1 - it->second, 0};
     }
     std::string layer = ref, port;
-    if (auto dot = ref.rfind('.'); dot != std::string::npos &&
-                                   scope.layers.count(ref) == 0) {
+    if (auto dot = ref.rfind('.');
+        dot != std::string::npos && scope.layers.count(ref) == 0) {
       layer = ref.substr(0, dot);
       port = ref.substr(dot + 1);
     }
@@ -133,9 +133,9 @@ absl::StatusOr<std::unique_ptr<Graph>> Graph::Build(
       if (!port.empty()) {
         auto p = std::find(type.ports.begin(), type.ports.end(), port);
         if (p == type.ports.end()) {
-          return absl::InvalidArgumentError(absl::StrFormat(
-              "%s has no input port '%s' (ports: %s)", reader, port,
-              absl::StrJoin(type.ports, ", ")));
+          return absl::InvalidArgumentError(
+              absl::StrFormat("%s has no input port '%s' (ports: %s)", reader,
+                              port, absl::StrJoin(type.ports, ", ")));
         }
         slot = static_cast<int>(p - type.ports.begin());
       } else {
@@ -143,9 +143,9 @@ absl::StatusOr<std::unique_ptr<Graph>> Graph::Build(
       }
       if (slot >= static_cast<int>(wired.size())) {
         if (!type.variadic) {
-          return absl::InvalidArgumentError(absl::StrFormat(
-              "%s takes at most %d inputs, %d are connected", reader,
-              type.ports.size(), ls.inputs_size()));
+          return absl::InvalidArgumentError(
+              absl::StrFormat("%s takes at most %d inputs, %d are connected",
+                              reader, type.ports.size(), ls.inputs_size()));
         }
         wired.resize(slot + 1);
       }
@@ -192,9 +192,9 @@ absl::StatusOr<std::unique_ptr<Graph>> Graph::Build(
   for (const v1::OutputSpec& out : spec.outputs()) {
     Source source{spec.layers_size() - 1, 0};
     if (!out.source().empty()) {
-      ASSIGN_OR_RETURN(source,
-                       resolve(out.source(), absl::StrFormat(
-                                                 "output '%s'", out.name())));
+      ASSIGN_OR_RETURN(
+          source,
+          resolve(out.source(), absl::StrFormat("output '%s'", out.name())));
     }
     if (type_of(source).tokens) {
       return absl::InvalidArgumentError(absl::StrFormat(
@@ -233,8 +233,8 @@ std::unique_ptr<GraphState> Graph::NewState() const {
   for (size_t i = 0; i < nodes_.size(); ++i) {
     state->values_[i].resize(nodes_[i].layer->num_outputs());
     nodes_[i].layer->InitScratch(&state->scratch_[i]);
-    widest = std::max({widest, nodes_[i].inputs.size(),
-                       state->values_[i].size()});
+    widest =
+        std::max({widest, nodes_[i].inputs.size(), state->values_[i].size()});
   }
   state->in_ptrs_.reserve(widest);
   state->out_ptrs_.reserve(widest);

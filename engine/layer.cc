@@ -9,9 +9,8 @@ std::string PortType::DebugString() const {
     return absl::StrFormat("%s of token ids < %d",
                            sequence ? "a sequence" : "a vector", width);
   }
-  return absl::StrFormat("%s of width %d",
-                         sequence ? "a sequence of vectors" : "a vector",
-                         width);
+  return absl::StrFormat(
+      "%s of width %d", sequence ? "a sequence of vectors" : "a vector", width);
 }
 
 std::string LayerContext::ArrayName(const char* array) const {
@@ -19,8 +18,7 @@ std::string LayerContext::ArrayName(const char* array) const {
 }
 
 std::string LayerContext::Describe() const {
-  return absl::StrFormat("layer '%s%s' (%s)", prefix, spec.name(),
-                         spec.type());
+  return absl::StrFormat("layer '%s%s' (%s)", prefix, spec.name(), spec.type());
 }
 
 const std::map<std::string, LayerType>& LayerTypes() {
@@ -57,9 +55,9 @@ absl::Status NeedFloat(const LayerContext& ctx, int port) {
 absl::Status NeedSequence(const LayerContext& ctx, int port) {
   if (absl::Status s = NeedFloat(ctx, port); !s.ok()) return s;
   if (!ctx.input(port).sequence) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%s needs a sequence input but receives %s", ctx.Describe(),
-        ctx.input(port).DebugString()));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s needs a sequence input but receives %s",
+                        ctx.Describe(), ctx.input(port).DebugString()));
   }
   return absl::OkStatus();
 }
@@ -67,9 +65,9 @@ absl::Status NeedSequence(const LayerContext& ctx, int port) {
 absl::Status NeedVector(const LayerContext& ctx, int port) {
   if (absl::Status s = NeedFloat(ctx, port); !s.ok()) return s;
   if (ctx.input(port).sequence) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%s needs a vector input but receives %s", ctx.Describe(),
-        ctx.input(port).DebugString()));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s needs a vector input but receives %s",
+                        ctx.Describe(), ctx.input(port).DebugString()));
   }
   return absl::OkStatus();
 }
@@ -77,8 +75,7 @@ absl::Status NeedVector(const LayerContext& ctx, int port) {
 absl::Status NeedPositiveSize(const LayerContext& ctx) {
   if (ctx.spec.size() <= 0) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "%s needs a positive 'size', got %d", ctx.Describe(),
-        ctx.spec.size()));
+        "%s needs a positive 'size', got %d", ctx.Describe(), ctx.spec.size()));
   }
   return absl::OkStatus();
 }

@@ -56,7 +56,9 @@ class Layer {
   const std::string& name() const { return name_; }
   const std::string& type() const { return type_; }
   int num_outputs() const { return static_cast<int>(outputs_.size()); }
-  const std::string& output_name(int port) const { return outputs_[port].first; }
+  const std::string& output_name(int port) const {
+    return outputs_[port].first;
+  }
   const PortType& output_type(int port) const { return outputs_[port].second; }
   int64_t parameter_count() const { return parameter_count_; }
 

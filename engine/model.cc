@@ -43,9 +43,9 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(
     auto encoder = CharactersEncoder::Create(input.encoder().characters(),
                                              input.vocab_size());
     if (!encoder.ok()) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s: input '%s': %s", net_path, input.name(),
-          encoder.status().message()));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: input '%s': %s", net_path, input.name(),
+                          encoder.status().message()));
     }
     model->encoders_.back() = std::move(*encoder);
   }
@@ -57,9 +57,9 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(
     const auto& labels = output.decoder().class_decoder().labels();
     const int64_t width = model->net_->output_types()[o].width;
     if (labels.size() != width) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s: output '%s' has %d class labels but is %d wide", net_path,
-          output.name(), labels.size(), width));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: output '%s' has %d class labels but is %d wide",
+                          net_path, output.name(), labels.size(), width));
     }
     model->labels_.back().assign(labels.begin(), labels.end());
   }

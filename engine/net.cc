@@ -22,8 +22,8 @@ absl::StatusOr<PortType> InputType(const v1::InputSpec& input, int index) {
     case v1::VECTOR_SEQUENCE:
     case v1::VECTOR:
       if (input.width() <= 0) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "input '%s' has no positive width", input.name()));
+        return absl::InvalidArgumentError(
+            absl::StrFormat("input '%s' has no positive width", input.name()));
       }
       if (input.kind() == v1::VECTOR) {
         return PortType{false, false, input.width(), -1};
@@ -153,12 +153,13 @@ absl::Status CheckInput(const std::string& name, const PortType& type,
 absl::Status Net::ValidateAndPack(const NetInputs& inputs,
                                   Execution* exec) const {
   if (inputs.inputs.size() != input_types_.size()) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "the net takes %d inputs, %d were given", input_types_.size(),
-        inputs.inputs.size()));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("the net takes %d inputs, %d were given",
+                        input_types_.size(), inputs.inputs.size()));
   }
   const size_t batch = inputs.inputs[0].lengths.size();
-  if (batch == 0) return absl::InvalidArgumentError("the batch has no instances");
+  if (batch == 0)
+    return absl::InvalidArgumentError("the batch has no instances");
   for (size_t i = 0; i < input_types_.size(); ++i) {
     const std::string& name = spec_.inputs(i).name();
     if (inputs.inputs[i].lengths.size() != batch) {

@@ -12,8 +12,8 @@ absl::Status SequenceLayout::Plan(absl::Span<const int64_t> lengths) {
   for (size_t i = 0; i < n; ++i) {
     if (lengths[i] < 1) {
       return absl::InvalidArgumentError(absl::StrFormat(
-          "sequence %d has length %d; sequences need at least one element",
-          i, lengths[i]));
+          "sequence %d has length %d; sequences need at least one element", i,
+          lengths[i]));
     }
   }
 

@@ -45,7 +45,9 @@ class SequenceLayout {
     return position_[original];
   }
   // Length of the sequence at a sorted position.
-  int64_t sorted_length(int64_t sorted) const { return sorted_lengths_[sorted]; }
+  int64_t sorted_length(int64_t sorted) const {
+    return sorted_lengths_[sorted];
+  }
 
   // The packed row of element t of the sequence at a sorted position.
   int64_t row(int64_t sorted, int64_t t) const { return offsets_[t] + sorted; }

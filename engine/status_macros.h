@@ -8,11 +8,11 @@
 #define RNNSERVE_CONCAT(a, b) RNNSERVE_CONCAT_INNER(a, b)
 
 // Returns from the enclosing function when `expr` is not OK.
-#define RETURN_IF_ERROR(expr)                                \
-  do {                                                       \
-    if (absl::Status _status = (expr); !_status.ok()) {      \
-      return _status;                                        \
-    }                                                        \
+#define RETURN_IF_ERROR(expr)                           \
+  do {                                                  \
+    if (absl::Status _status = (expr); !_status.ok()) { \
+      return _status;                                   \
+    }                                                   \
   } while (0)
 
 // `ASSIGN_OR_RETURN(auto x, Foo());` binds the value of a StatusOr or

@@ -18,19 +18,19 @@ absl::StatusOr<Buffer<float>> WeightSource::Take(
     const std::string& name, const std::vector<int64_t>& shape) {
   const TensorView* view = file_->Find(name);
   if (view == nullptr) {
-    return absl::NotFoundError(absl::StrFormat(
-        "%s: no array '%s'; the net needs one of shape %s", path(), name,
-        ShapeString(shape)));
+    return absl::NotFoundError(
+        absl::StrFormat("%s: no array '%s'; the net needs one of shape %s",
+                        path(), name, ShapeString(shape)));
   }
   if (view->dtype != DType::kF32) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%s: array '%s' is %s; the net needs F32", path(), name,
-        DTypeName(view->dtype)));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: array '%s' is %s; the net needs F32", path(), name,
+                        DTypeName(view->dtype)));
   }
   if (view->shape != shape) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "%s: array '%s' has shape %s; the net needs %s", path(), name,
-        ShapeString(view->shape), ShapeString(shape)));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: array '%s' has shape %s; the net needs %s", path(),
+                        name, ShapeString(view->shape), ShapeString(shape)));
   }
   Buffer<float> out(view->nbytes / sizeof(float));
   if (view->nbytes > 0) std::memcpy(out.data(), view->data, view->nbytes);

@@ -60,17 +60,16 @@ absl::Status AppendValue(const engine::Model& model, int input,
       absl::Status s = encoder->Encode(value.text(), &batch->tokens);
       if (!s.ok()) {
         return absl::InvalidArgumentError(absl::StrFormat(
-            "instance %d: input '%s': %s", instance, spec.name(),
-            s.message()));
+            "instance %d: input '%s': %s", instance, spec.name(), s.message()));
       }
       length = batch->tokens.size() - before_tokens;
       break;
     }
     case v1::InputValue::kTokens: {
       if (spec.kind() != v1::TOKEN_SEQUENCE) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "instance %d: input '%s' takes a %s, not token ids", instance,
-            spec.name(), KindName(spec.kind())));
+        return absl::InvalidArgumentError(
+            absl::StrFormat("instance %d: input '%s' takes a %s, not token ids",
+                            instance, spec.name(), KindName(spec.kind())));
       }
       // Checked here as well as in the engine because ids arrive as int64
       // and the engine takes int32.
@@ -90,9 +89,8 @@ absl::Status AppendValue(const engine::Model& model, int input,
     case v1::InputValue::kVectors: {
       if (spec.kind() == v1::TOKEN_SEQUENCE) {
         return absl::InvalidArgumentError(absl::StrFormat(
-            "instance %d: input '%s' takes token ids%s, not vectors",
-            instance, spec.name(),
-            model.text_encoder(input) ? " or text" : ""));
+            "instance %d: input '%s' takes token ids%s, not vectors", instance,
+            spec.name(), model.text_encoder(input) ? " or text" : ""));
       }
       const v1::VectorSequence& v = value.vectors();
       if (v.width() != spec.width()) {
@@ -153,19 +151,19 @@ absl::Status BuildInputs(const engine::Model& model,
     for (const v1::InputValue& value : instance.inputs()) {
       ASSIGN_OR_RETURN(int input, InputIndex(spec, value, i));
       if (seen[input]) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "instance %d gives input '%s' twice", i,
-            spec.inputs(input).name()));
+        return absl::InvalidArgumentError(
+            absl::StrFormat("instance %d gives input '%s' twice", i,
+                            spec.inputs(input).name()));
       }
       seen[input] = true;
-      RETURN_IF_ERROR(AppendValue(model, input, value, i, limits,
-                                  &inputs->inputs[input]));
+      RETURN_IF_ERROR(
+          AppendValue(model, input, value, i, limits, &inputs->inputs[input]));
     }
     for (int k = 0; k < spec.inputs_size(); ++k) {
       if (!seen[k]) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "instance %d has no value for input '%s'", i,
-            spec.inputs(k).name()));
+        return absl::InvalidArgumentError(
+            absl::StrFormat("instance %d has no value for input '%s'", i,
+                            spec.inputs(k).name()));
       }
     }
   }
@@ -189,9 +187,9 @@ absl::StatusOr<std::vector<int>> SelectOutputs(
     if (found < 0) {
       std::vector<std::string> names;
       for (const auto& out : spec.outputs()) names.push_back(out.name());
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "the model has no output named '%s' (outputs: %s)", name,
-          absl::StrJoin(names, ", ")));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("the model has no output named '%s' (outputs: %s)",
+                          name, absl::StrJoin(names, ", ")));
     }
     selected.push_back(found);
   }
@@ -229,8 +227,8 @@ absl::Status RunInference(const ModelRepository& repository,
     return absl::InvalidArgumentError("the request names no model");
   }
   if (request.top_k() < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("top_k is %d; it must not be negative", request.top_k()));
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "top_k is %d; it must not be negative", request.top_k()));
   }
   ASSIGN_OR_RETURN(std::shared_ptr<ServedVersion> served,
                    repository.Resolve(request.model(), request.version()));

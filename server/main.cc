@@ -46,7 +46,8 @@ int Serve() {
   sigaddset(&stop_signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
-  Log('I', "rnnserve starting: model_repository=%s host=%s grpc_port=%d "
+  Log('I',
+      "rnnserve starting: model_repository=%s host=%s grpc_port=%d "
       "drain_seconds=%d",
       root, absl::GetFlag(FLAGS_host), absl::GetFlag(FLAGS_grpc_port),
       absl::GetFlag(FLAGS_drain_seconds));

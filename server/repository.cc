@@ -38,8 +38,8 @@ void ServedVersion::Release(engine::Execution exec) {
 namespace {
 
 // Checks the configuration and fills in its defaults.
-absl::Status ApplyConfig(const v1::ModelConfig& config,
-                         const std::string& name, ServingLimits* limits) {
+absl::Status ApplyConfig(const v1::ModelConfig& config, const std::string& name,
+                         ServingLimits* limits) {
   if (!config.name().empty() && config.name() != name) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "config.pbtxt names the model '%s' but its folder is '%s'",
@@ -99,8 +99,7 @@ absl::Status LoadVersions(const std::string& dir, ModelEntry* entry) {
   for (int64_t v : wanted) {
     if (std::find(found.begin(), found.end(), v) == found.end()) {
       return absl::NotFoundError(absl::StrFormat(
-          "config.pbtxt lists version %d but %s/%d does not exist", v, dir,
-          v));
+          "config.pbtxt lists version %d but %s/%d does not exist", v, dir, v));
     }
     ASSIGN_OR_RETURN(auto model,
                      engine::Model::Load(absl::StrFormat("%s/%d", dir, v)));
@@ -138,8 +137,8 @@ absl::StatusOr<std::unique_ptr<ModelRepository>> ModelRepository::Create(
     const Options& options) {
   std::error_code ec;
   if (!fs::is_directory(options.root, ec)) {
-    return absl::NotFoundError(absl::StrFormat(
-        "model repository '%s' is not a folder", options.root));
+    return absl::NotFoundError(
+        absl::StrFormat("model repository '%s' is not a folder", options.root));
   }
   std::vector<std::string> names;
   for (const auto& entry : fs::directory_iterator(options.root, ec)) {
@@ -150,8 +149,7 @@ absl::StatusOr<std::unique_ptr<ModelRepository>> ModelRepository::Create(
 
   auto repo = std::unique_ptr<ModelRepository>(new ModelRepository());
   for (const std::string& name : names) {
-    repo->models_.push_back(
-        LoadModelFolder(options.root + "/" + name, name));
+    repo->models_.push_back(LoadModelFolder(options.root + "/" + name, name));
   }
   return repo;
 }
@@ -164,9 +162,9 @@ absl::StatusOr<const ModelEntry*> ModelRepository::Find(
   if (it == models_.end() || it->name != name) {
     std::vector<std::string> known;
     for (const ModelEntry& e : models_) known.push_back(e.name);
-    return absl::NotFoundError(absl::StrFormat(
-        "no model named '%s' (models: %s)", name,
-        known.empty() ? "none" : absl::StrJoin(known, ", ")));
+    return absl::NotFoundError(
+        absl::StrFormat("no model named '%s' (models: %s)", name,
+                        known.empty() ? "none" : absl::StrJoin(known, ", ")));
   }
   return &*it;
 }
@@ -179,17 +177,17 @@ absl::StatusOr<std::shared_ptr<ServedVersion>> ModelRepository::Resolve(
   }
   ASSIGN_OR_RETURN(const ModelEntry* entry, Find(name));
   if (!entry->failure.empty()) {
-    return absl::FailedPreconditionError(absl::StrFormat(
-        "model '%s' failed to load: %s", name, entry->failure));
+    return absl::FailedPreconditionError(
+        absl::StrFormat("model '%s' failed to load: %s", name, entry->failure));
   }
   if (version == 0) return entry->versions.rbegin()->second;
   auto it = entry->versions.find(version);
   if (it == entry->versions.end()) {
     std::vector<int64_t> served;
     for (const auto& [v, s] : entry->versions) served.push_back(v);
-    return absl::NotFoundError(absl::StrFormat(
-        "model '%s' has no version %d (serving: %s)", name, version,
-        absl::StrJoin(served, ", ")));
+    return absl::NotFoundError(
+        absl::StrFormat("model '%s' has no version %d (serving: %s)", name,
+                        version, absl::StrJoin(served, ", ")));
   }
   return it->second;
 }

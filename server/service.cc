@@ -15,8 +15,7 @@ grpc::Status ToGrpcStatus(const absl::Status& status) {
 RnnServeService::RnnServeService(const ModelRepository* repository)
     : repository_(repository) {}
 
-void RnnServeService::NoteRefusal(const char* rpc,
-                                  const absl::Status& status) {
+void RnnServeService::NoteRefusal(const char* rpc, const absl::Status& status) {
   const int64_t now = absl::ToUnixSeconds(absl::Now());
   absl::MutexLock lock(&log_mu_);
   if (now == last_log_second_) {
@@ -45,9 +44,9 @@ grpc::Status RnnServeService::ListModels(grpc::ServerContext* context,
                                          const v1::ListModelsRequest* request,
                                          v1::ListModelsResponse* response) {
   for (const ModelEntry& entry : repository_->models()) {
-    const ServedVersion* latest =
-        entry.versions.empty() ? nullptr
-                               : entry.versions.rbegin()->second.get();
+    const ServedVersion* latest = entry.versions.empty()
+                                      ? nullptr
+                                      : entry.versions.rbegin()->second.get();
     *response->add_models() = DescribeModel(entry, latest);
   }
   return grpc::Status::OK;
@@ -56,8 +55,7 @@ grpc::Status RnnServeService::ListModels(grpc::ServerContext* context,
 grpc::Status RnnServeService::GetModel(grpc::ServerContext* context,
                                        const v1::GetModelRequest* request,
                                        v1::GetModelResponse* response) {
-  absl::StatusOr<const ModelEntry*> entry =
-      repository_->Find(request->model());
+  absl::StatusOr<const ModelEntry*> entry = repository_->Find(request->model());
   if (!entry.ok()) {
     NoteRefusal("GetModel", entry.status());
     return ToGrpcStatus(entry.status());

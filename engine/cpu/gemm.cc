@@ -87,9 +87,9 @@ void MicroKernel(int64_t k, const float* a, int64_t lda, const float* panel,
 using Kernel = void (*)(int64_t, const float*, int64_t, const float*, float*,
                         int64_t, int64_t, bool);
 constexpr Kernel kKernels[kRows + 1] = {
-    nullptr,        MicroKernel<1>, MicroKernel<2>, MicroKernel<3>,
-    MicroKernel<4>, MicroKernel<5>, MicroKernel<6>, MicroKernel<7>,
-    MicroKernel<8>};
+    nullptr,        MicroKernel<1>, MicroKernel<2>,
+    MicroKernel<3>, MicroKernel<4>, MicroKernel<5>,
+    MicroKernel<6>, MicroKernel<7>, MicroKernel<8>};
 
 // One tile: rows [row0, row1) against panel p.
 void Tile(int64_t row0, int64_t row1, int64_t p, const float* a, int64_t lda,
@@ -98,8 +98,8 @@ void Tile(int64_t row0, int64_t row1, int64_t p, const float* a, int64_t lda,
   const int64_t cols = std::min(kPanelWidth, w.n() - col0);
   for (int64_t r = row0; r < row1; r += kRows) {
     const int64_t rows = std::min(kRows, row1 - r);
-    kKernels[rows](w.k(), a + r * lda, lda, w.panel(p), c + r * ldc + col0,
-                   ldc, cols, accumulate);
+    kKernels[rows](w.k(), a + r * lda, lda, w.panel(p), c + r * ldc + col0, ldc,
+                   cols, accumulate);
   }
 }
 

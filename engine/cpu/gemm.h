@@ -50,9 +50,8 @@ void Gemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
 
 // Called after a tile of a GatedGemm with the rows [row0, row1) and units
 // [unit0, unit1) whose gate columns are all computed.
-using TileEpilogue =
-    absl::FunctionRef<void(int64_t row0, int64_t row1, int64_t unit0,
-                           int64_t unit1)>;
+using TileEpilogue = absl::FunctionRef<void(int64_t row0, int64_t row1,
+                                            int64_t unit0, int64_t unit1)>;
 
 // The product of Gemm for recurrent weights, whose n columns form `gates`
 // gate-major blocks of n / gates units each. Each tile computes every gate

@@ -35,26 +35,26 @@ class EmbeddingLayer : public Layer {
     RETURN_IF_ERROR(NeedPositiveSize(ctx));
     const PortType& in = ctx.input();
     if (!in.tokens) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s needs token ids but receives %s", ctx.Describe(),
-          in.DebugString()));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s needs token ids but receives %s", ctx.Describe(),
+                          in.DebugString()));
     }
     if (ctx.spec.vocab_size() != 0 && ctx.spec.vocab_size() != in.width) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s has vocab_size %d but its input has %d token ids",
-          ctx.Describe(), ctx.spec.vocab_size(), in.width));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s has vocab_size %d but its input has %d token ids",
+                          ctx.Describe(), ctx.spec.vocab_size(), in.width));
     }
     auto layer = std::unique_ptr<EmbeddingLayer>(new EmbeddingLayer(ctx.spec));
     layer->AddOutput("output", WithWidth(in, ctx.spec.size()));
-    ASSIGN_OR_RETURN(layer->weight_, ctx.weights->Take(ctx.ArrayName("weight"),
-                                                       {in.width, ctx.spec.size()}));
+    ASSIGN_OR_RETURN(layer->weight_,
+                     ctx.weights->Take(ctx.ArrayName("weight"),
+                                       {in.width, ctx.spec.size()}));
     layer->parameter_count_ = in.width * ctx.spec.size();
     return layer;
   }
 
   absl::Status Run(absl::Span<const Value* const> in,
-                   absl::Span<Value* const> out,
-                   LayerScratch*) const override {
+                   absl::Span<Value* const> out, LayerScratch*) const override {
     const Value& x = *in[0];
     Value& y = *out[0];
     const int64_t d = output_type(0).width;
@@ -88,14 +88,12 @@ class LinearLayer : public Layer {
   }
 
   absl::Status Run(absl::Span<const Value* const> in,
-                   absl::Span<Value* const> out,
-                   LayerScratch*) const override {
+                   absl::Span<Value* const> out, LayerScratch*) const override {
     const Value& x = *in[0];
     Value& y = *out[0];
     const int64_t n = weight_.n();
     y.Reshape(output_type(0), x.rows, x.layout);
-    Gemm(x.rows, x.data.data(), x.type.width, weight_, y.data.data(), n,
-         false);
+    Gemm(x.rows, x.data.data(), x.type.width, weight_, y.data.data(), n, false);
     AddBias(y.data.data(), bias_.data(), x.rows, n);
     return absl::OkStatus();
   }
@@ -126,11 +124,11 @@ using ElementwiseKernel = void (*)(const float*, float*, int64_t);
 
 const std::map<std::string, ElementwiseKernel>& ElementwiseFunctions() {
   static const auto* functions = new std::map<std::string, ElementwiseKernel>{
-      {"tanh", cpu::Tanh},   {"sigmoid", cpu::Sigmoid},
-      {"relu", cpu::Relu},   {"elu", cpu::Elu},
+      {"tanh", cpu::Tanh},         {"sigmoid", cpu::Sigmoid},
+      {"relu", cpu::Relu},         {"elu", cpu::Elu},
       {"softplus", cpu::Softplus}, {"gelu", cpu::Gelu},
-      {"identity", Identity}, {"negate", Negate},
-      {"one_minus", OneMinus}, {"exp", Exp},
+      {"identity", Identity},      {"negate", Negate},
+      {"one_minus", OneMinus},     {"exp", Exp},
       {"square", Square},
   };
   return *functions;
@@ -143,7 +141,8 @@ class ElementwiseLayer : public Layer {
     auto it = ElementwiseFunctions().find(ctx.spec.function());
     if (it == ElementwiseFunctions().end()) {
       std::vector<std::string> names;
-      for (const auto& [name, k] : ElementwiseFunctions()) names.push_back(name);
+      for (const auto& [name, k] : ElementwiseFunctions())
+        names.push_back(name);
       return absl::InvalidArgumentError(absl::StrFormat(
           "%s has unknown function '%s'; known: %s", ctx.Describe(),
           ctx.spec.function(), absl::StrJoin(names, ", ")));
@@ -156,8 +155,7 @@ class ElementwiseLayer : public Layer {
   }
 
   absl::Status Run(absl::Span<const Value* const> in,
-                   absl::Span<Value* const> out,
-                   LayerScratch*) const override {
+                   absl::Span<Value* const> out, LayerScratch*) const override {
     const Value& x = *in[0];
     out[0]->Reshape(output_type(0), x.rows, x.layout);
     kernel_(x.data.data(), out[0]->data.data(), x.rows * x.type.width);
@@ -179,8 +177,7 @@ class SoftmaxLayer : public Layer {
   }
 
   absl::Status Run(absl::Span<const Value* const> in,
-                   absl::Span<Value* const> out,
-                   LayerScratch*) const override {
+                   absl::Span<Value* const> out, LayerScratch*) const override {
     const Value& x = *in[0];
     out[0]->Reshape(output_type(0), x.rows, x.layout);
     cpu::Softmax(x.data.data(), out[0]->data.data(), x.rows, x.type.width);
@@ -223,8 +220,8 @@ class CombineLayer : public Layer {
     return [op](LayerContext& ctx) -> absl::StatusOr<std::unique_ptr<Layer>> {
       RETURN_IF_ERROR(NeedAlignedRows(ctx, op != Op::kCatenate));
       if (op == Op::kSubtract && ctx.inputs.size() != 2) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "%s takes exactly two inputs", ctx.Describe()));
+        return absl::InvalidArgumentError(
+            absl::StrFormat("%s takes exactly two inputs", ctx.Describe()));
       }
       auto layer = std::unique_ptr<CombineLayer>(new CombineLayer(ctx.spec));
       layer->op_ = op;
@@ -239,8 +236,7 @@ class CombineLayer : public Layer {
   }
 
   absl::Status Run(absl::Span<const Value* const> in,
-                   absl::Span<Value* const> out,
-                   LayerScratch*) const override {
+                   absl::Span<Value* const> out, LayerScratch*) const override {
     const int64_t rows = in[0]->rows;
     Value& y = *out[0];
     y.Reshape(output_type(0), rows, in[0]->layout);
@@ -294,8 +290,7 @@ class DropoutLayer : public Layer {
   }
 
   absl::Status Run(absl::Span<const Value* const> in,
-                   absl::Span<Value* const> out,
-                   LayerScratch*) const override {
+                   absl::Span<Value* const> out, LayerScratch*) const override {
     const Value& x = *in[0];
     out[0]->Reshape(output_type(0), x.rows, x.layout);
     std::memcpy(out[0]->data.data(), x.data.data(),
@@ -317,9 +312,8 @@ class ReshapeLayer : public Layer {
     for (int64_t d : ctx.spec.dimensions()) width *= d;
     if (ctx.spec.dimensions().empty() || width != ctx.input().width) {
       return absl::InvalidArgumentError(absl::StrFormat(
-          "%s reshapes rows of %d elements to dimensions [%s]",
-          ctx.Describe(), ctx.input().width,
-          absl::StrJoin(ctx.spec.dimensions(), ", ")));
+          "%s reshapes rows of %d elements to dimensions [%s]", ctx.Describe(),
+          ctx.input().width, absl::StrJoin(ctx.spec.dimensions(), ", ")));
     }
     auto layer = std::unique_ptr<ReshapeLayer>(new ReshapeLayer(ctx.spec));
     layer->AddOutput("output", ctx.input());
@@ -327,8 +321,7 @@ class ReshapeLayer : public Layer {
   }
 
   absl::Status Run(absl::Span<const Value* const> in,
-                   absl::Span<Value* const> out,
-                   LayerScratch*) const override {
+                   absl::Span<Value* const> out, LayerScratch*) const override {
     const Value& x = *in[0];
     out[0]->Reshape(output_type(0), x.rows, x.layout);
     std::memcpy(out[0]->data.data(), x.data.data(),
@@ -346,14 +339,15 @@ void RegisterBasicLayers(std::map<std::string, LayerType>* types) {
   using Op = CombineLayer::Op;
   (*types)["EmbeddingLayer"] = {{"input"}, 1, false, EmbeddingLayer::Create};
   (*types)["LinearLayer"] = {{"input"}, 1, false, LinearLayer::Create};
-  (*types)["ElementwiseLayer"] = {{"input"}, 1, false,
-                                  ElementwiseLayer::Create};
+  (*types)["ElementwiseLayer"] = {
+      {"input"}, 1, false, ElementwiseLayer::Create};
   (*types)["SoftmaxLayer"] = {{"input"}, 1, false, SoftmaxLayer::Create};
-  (*types)["CatenateLayer"] = {{}, 1, true, CombineLayer::Factory(Op::kCatenate)};
+  (*types)["CatenateLayer"] = {
+      {}, 1, true, CombineLayer::Factory(Op::kCatenate)};
   (*types)["TotalLayer"] = {{}, 1, true, CombineLayer::Factory(Op::kTotal)};
   (*types)["TimesLayer"] = {{}, 1, true, CombineLayer::Factory(Op::kTimes)};
-  (*types)["SubtractLayer"] = {{}, 2, true,
-                               CombineLayer::Factory(Op::kSubtract)};
+  (*types)["SubtractLayer"] = {
+      {}, 2, true, CombineLayer::Factory(Op::kSubtract)};
   (*types)["DropoutLayer"] = {{"input"}, 1, false, DropoutLayer::Create};
   (*types)["ReshapeLayer"] = {{"input"}, 1, false, ReshapeLayer::Create};
 }

@@ -37,14 +37,14 @@ void CopyRows(const Value& from, int64_t first, int64_t rows, Value* to,
 absl::StatusOr<std::unique_ptr<Graph>> BuildSubnet(
     LayerContext& ctx, const v1::NetSpec& spec,
     const std::vector<PortType>& inputs, const std::string& part) {
-  auto graph = Graph::Build(spec, inputs, ctx.weights,
-                            absl::StrCat(ctx.prefix, ctx.spec.name(), ".", part),
-                            ctx.next_layout);
+  auto graph = Graph::Build(
+      spec, inputs, ctx.weights,
+      absl::StrCat(ctx.prefix, ctx.spec.name(), ".", part), ctx.next_layout);
   if (!graph.ok()) {
-    return absl::Status(graph.status().code(),
-                        absl::StrFormat("in the sub-net of %s: %s",
-                                        ctx.Describe(),
-                                        graph.status().message()));
+    return absl::Status(
+        graph.status().code(),
+        absl::StrFormat("in the sub-net of %s: %s", ctx.Describe(),
+                        graph.status().message()));
   }
   return graph;
 }
@@ -53,8 +53,8 @@ absl::Status NeedSubnetInputs(const LayerContext& ctx, const v1::NetSpec& net,
                               int count) {
   if (net.inputs_size() != count) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "%s needs a sub-net with %d input%s, it has %d", ctx.Describe(),
-        count, count == 1 ? "" : "s", net.inputs_size()));
+        "%s needs a sub-net with %d input%s, it has %d", ctx.Describe(), count,
+        count == 1 ? "" : "s", net.inputs_size()));
   }
   return absl::OkStatus();
 }
@@ -63,16 +63,17 @@ class NetMapOperator : public Layer {
  public:
   static absl::StatusOr<std::unique_ptr<Layer>> Create(LayerContext& ctx) {
     if (!ctx.input().sequence) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s maps over a sequence but receives %s", ctx.Describe(),
-          ctx.input().DebugString()));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s maps over a sequence but receives %s",
+                          ctx.Describe(), ctx.input().DebugString()));
     }
     RETURN_IF_ERROR(NeedSubnetInputs(ctx, ctx.spec.net(), 1));
     PortType element = ctx.input();
     element.sequence = false;
     element.layout = -1;
     auto layer = std::unique_ptr<NetMapOperator>(new NetMapOperator(ctx.spec));
-    ASSIGN_OR_RETURN(layer->net_, BuildSubnet(ctx, ctx.spec.net(), {element}, ""));
+    ASSIGN_OR_RETURN(layer->net_,
+                     BuildSubnet(ctx, ctx.spec.net(), {element}, ""));
     for (int o = 0; o < layer->net_->num_outputs(); ++o) {
       PortType t = layer->net_->output_type(o);
       if (t.sequence) {
@@ -152,7 +153,8 @@ class NetFoldOperator : public Layer {
     for (int j = 0; j < k; ++j) {
       Value& s = v[1 + j];
       s.Reshape(state_types_[j], batch);
-      const Value* initial = j + 1 < static_cast<int>(in.size()) ? in[1 + j] : nullptr;
+      const Value* initial =
+          j + 1 < static_cast<int>(in.size()) ? in[1 + j] : nullptr;
       if (initial == nullptr) {
         s.data.Zero();
       } else {
@@ -185,9 +187,10 @@ class NetFoldOperator : public Layer {
       for (int j = 0; j < k; ++j) {
         out[j]->Reshape(output_type(j), batch);
         for (int64_t i = 0; i < batch; ++i) {
-          std::memcpy(out[j]->row(i),
-                      v[1 + j].data.data() + layout.sorted_position(i) * widths_[j],
-                      widths_[j] * sizeof(float));
+          std::memcpy(
+              out[j]->row(i),
+              v[1 + j].data.data() + layout.sorted_position(i) * widths_[j],
+              widths_[j] * sizeof(float));
         }
       }
     }
@@ -207,7 +210,8 @@ class NetFoldOperator : public Layer {
           "%d inputs",
           ctx.Describe(), net.inputs_size()));
     }
-    auto layer = std::unique_ptr<NetFoldOperator>(new NetFoldOperator(ctx.spec));
+    auto layer =
+        std::unique_ptr<NetFoldOperator>(new NetFoldOperator(ctx.spec));
     layer->list_ = list;
     layer->element_type_ = ctx.input();
     layer->element_type_.sequence = false;
@@ -273,9 +277,9 @@ class NetNestOperator : public Layer {
     return [list](LayerContext& ctx) -> absl::StatusOr<std::unique_ptr<Layer>> {
       RETURN_IF_ERROR(NeedFloat(ctx));
       if (ctx.spec.iterations() < 1) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "%s needs 'iterations' of at least 1, got %d", ctx.Describe(),
-            ctx.spec.iterations()));
+        return absl::InvalidArgumentError(
+            absl::StrFormat("%s needs 'iterations' of at least 1, got %d",
+                            ctx.Describe(), ctx.spec.iterations()));
       }
       RETURN_IF_ERROR(NeedSubnetInputs(ctx, ctx.spec.net(), 1));
       auto layer =
@@ -284,17 +288,18 @@ class NetNestOperator : public Layer {
       ASSIGN_OR_RETURN(layer->net_,
                        BuildSubnet(ctx, ctx.spec.net(), {ctx.input()}, ""));
       const PortType& t = layer->net_->output_type(0);
-      if (layer->net_->num_outputs() != 1 || t.sequence != ctx.input().sequence ||
-          t.width != ctx.input().width || t.layout != ctx.input().layout) {
+      if (layer->net_->num_outputs() != 1 ||
+          t.sequence != ctx.input().sequence || t.width != ctx.input().width ||
+          t.layout != ctx.input().layout) {
         return absl::InvalidArgumentError(absl::StrFormat(
             "%s: the sub-net must give one output of its input's type (%s), "
             "it gives %s",
             ctx.Describe(), ctx.input().DebugString(), t.DebugString()));
       }
       if (list && ctx.input().sequence) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "%s lists iterates of vectors; its input is %s", ctx.Describe(),
-            ctx.input().DebugString()));
+        return absl::InvalidArgumentError(
+            absl::StrFormat("%s lists iterates of vectors; its input is %s",
+                            ctx.Describe(), ctx.input().DebugString()));
       }
       PortType out = ctx.input();
       if (list) {
@@ -338,7 +343,8 @@ class NetNestOperator : public Layer {
       }
       current = &carry;
     }
-    if (!list_) CopyRows(carry, 0, carry.rows, out[0], output_type(0), x.layout);
+    if (!list_)
+      CopyRows(carry, 0, carry.rows, out[0], output_type(0), x.layout);
     return absl::OkStatus();
   }
 
@@ -391,15 +397,15 @@ class NetBidirectionalOperator : public Layer {
           ctx.Describe(), f.DebugString(), b.DebugString()));
     }
     if (f.sequence && f.layout != ctx.input().layout) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s: a sequence output must keep the input's lengths",
-          ctx.Describe()));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: a sequence output must keep the input's lengths",
+                          ctx.Describe()));
     }
     PortType out = f;
     if (layer->join_ == Join::kCatenate) out.width *= 2;
     layer->AddOutput("output", out);
-    layer->parameter_count_ =
-        layer->forward_->parameter_count() + layer->backward_->parameter_count();
+    layer->parameter_count_ = layer->forward_->parameter_count() +
+                              layer->backward_->parameter_count();
     return layer;
   }
 
@@ -460,18 +466,22 @@ class NetBidirectionalOperator : public Layer {
 
 void RegisterOperators(std::map<std::string, LayerType>* types) {
   (*types)["NetMapOperator"] = {{"input"}, 1, false, NetMapOperator::Create};
-  (*types)["NetFoldOperator"] = {{"input"}, 1, false,
+  (*types)["NetFoldOperator"] = {{"input"},
+                                 1,
+                                 false,
                                  NetFoldOperator::Factory(false),
                                  NetFoldOperator::Ports};
-  (*types)["NetFoldListOperator"] = {{"input"}, 1, false,
+  (*types)["NetFoldListOperator"] = {{"input"},
+                                     1,
+                                     false,
                                      NetFoldOperator::Factory(true),
                                      NetFoldOperator::Ports};
-  (*types)["NetNestOperator"] = {{"input"}, 1, false,
-                                 NetNestOperator::Factory(false)};
-  (*types)["NetNestListOperator"] = {{"input"}, 1, false,
-                                     NetNestOperator::Factory(true)};
-  (*types)["NetBidirectionalOperator"] = {{"input"}, 1, false,
-                                          NetBidirectionalOperator::Create};
+  (*types)["NetNestOperator"] = {
+      {"input"}, 1, false, NetNestOperator::Factory(false)};
+  (*types)["NetNestListOperator"] = {
+      {"input"}, 1, false, NetNestOperator::Factory(true)};
+  (*types)["NetBidirectionalOperator"] = {
+      {"input"}, 1, false, NetBidirectionalOperator::Create};
 }
 
 }  // namespace rnnserve::engine

@@ -78,7 +78,8 @@ class RecurrentLayer : public Layer {
     last.Reshape(output_type(1), layout.batch());
     for (int64_t i = 0; i < layout.batch(); ++i) {
       const int64_t s = layout.sorted_position(i);
-      std::memcpy(last.row(i), y.row(layout.row(s, layout.sorted_length(s) - 1)),
+      std::memcpy(last.row(i),
+                  y.row(layout.row(s, layout.sorted_length(s) - 1)),
                   h * sizeof(float));
     }
     FinishSequence(layout, out, scratch);
@@ -105,9 +106,9 @@ class RecurrentLayer : public Layer {
       }
     }
     in_width_ = ctx.input().width;
-    ASSIGN_OR_RETURN(Buffer<float> weight_ih,
-                     ctx.weights->Take(ctx.ArrayName("weight_ih"),
-                                       {g, in_width_}));
+    ASSIGN_OR_RETURN(
+        Buffer<float> weight_ih,
+        ctx.weights->Take(ctx.ArrayName("weight_ih"), {g, in_width_}));
     ASSIGN_OR_RETURN(weight_hh_,
                      ctx.weights->Take(ctx.ArrayName("weight_hh"), {g, h}));
     ASSIGN_OR_RETURN(bias_ih_,
@@ -141,8 +142,8 @@ class RecurrentLayer : public Layer {
   // projections (biases folded per input_bias_), `prev` their previous
   // states (nullptr: zeros), `next` receives the new states. May overwrite
   // `xproj`.
-  virtual void Step(int64_t live, float* xproj, const float* prev,
-                    float* next, LayerScratch* scratch) const = 0;
+  virtual void Step(int64_t live, float* xproj, const float* prev, float* next,
+                    LayerScratch* scratch) const = 0;
 
   const int64_t gates_;
   const int64_t hidden_;
@@ -159,9 +160,9 @@ class BasicRecurrentLayer : public RecurrentLayer {
   static absl::StatusOr<std::unique_ptr<Layer>> Create(LayerContext& ctx) {
     const std::string& f = ctx.spec.function();
     if (!f.empty() && f != "tanh" && f != "relu") {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s has function '%s'; it takes 'tanh' or 'relu'", ctx.Describe(),
-          f));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s has function '%s'; it takes 'tanh' or 'relu'",
+                          ctx.Describe(), f));
     }
     auto layer =
         std::unique_ptr<BasicRecurrentLayer>(new BasicRecurrentLayer(ctx.spec));
@@ -268,16 +269,15 @@ class LongShortTermMemoryLayer : public RecurrentLayer {
         float* c = cell + r * h;
         float* out = next + r * h;
         for (int64_t j = u0; j < u1; ++j) {
-          const float cj = FastSigmoid(gf[j]) * c[j] +
-                           FastSigmoid(gi[j]) * FastTanh(gg[j]);
+          const float cj =
+              FastSigmoid(gf[j]) * c[j] + FastSigmoid(gi[j]) * FastTanh(gg[j]);
           c[j] = cj;
           out[j] = FastSigmoid(go[j]) * FastTanh(cj);
         }
       }
     };
     if (prev != nullptr) {
-      cpu::GatedGemm(live, prev, h, packed_hh_, 4, xproj, 4 * h, true,
-                     update);
+      cpu::GatedGemm(live, prev, h, packed_hh_, 4, xproj, 4 * h, true, update);
     } else {
       update(0, live, 0, h);
     }
@@ -401,13 +401,12 @@ class GatedRecurrentLayer : public RecurrentLayer {
 }  // namespace
 
 void RegisterRecurrentLayers(std::map<std::string, LayerType>* types) {
-  (*types)["BasicRecurrentLayer"] = {{"input", "state"}, 1, false,
-                                     BasicRecurrentLayer::Create};
-  (*types)["GatedRecurrentLayer"] = {{"input", "state"}, 1, false,
-                                     GatedRecurrentLayer::Create};
-  (*types)["LongShortTermMemoryLayer"] = {{"input", "state", "cell"}, 1,
-                                          false,
-                                          LongShortTermMemoryLayer::Create};
+  (*types)["BasicRecurrentLayer"] = {
+      {"input", "state"}, 1, false, BasicRecurrentLayer::Create};
+  (*types)["GatedRecurrentLayer"] = {
+      {"input", "state"}, 1, false, GatedRecurrentLayer::Create};
+  (*types)["LongShortTermMemoryLayer"] = {
+      {"input", "state", "cell"}, 1, false, LongShortTermMemoryLayer::Create};
 }
 
 }  // namespace rnnserve::engine

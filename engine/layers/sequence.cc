@@ -29,15 +29,15 @@ class SequenceLastLayer : public Layer {
   }
 
   absl::Status Run(absl::Span<const Value* const> in,
-                   absl::Span<Value* const> out,
-                   LayerScratch*) const override {
+                   absl::Span<Value* const> out, LayerScratch*) const override {
     const Value& x = *in[0];
     const SequenceLayout& layout = *x.layout;
     const int64_t w = x.type.width;
     out[0]->Reshape(output_type(0), layout.batch());
     for (int64_t i = 0; i < layout.batch(); ++i) {
       const int64_t s = layout.sorted_position(i);
-      std::memcpy(out[0]->row(i), x.row(layout.row(s, layout.sorted_length(s) - 1)),
+      std::memcpy(out[0]->row(i),
+                  x.row(layout.row(s, layout.sorted_length(s) - 1)),
                   w * sizeof(float));
     }
     return absl::OkStatus();
@@ -53,8 +53,8 @@ class SequenceLastLayer : public Layer {
 class DropOneLayer : public Layer {
  public:
   static LayerFactory Factory(bool drop_first) {
-    return [drop_first](LayerContext& ctx)
-               -> absl::StatusOr<std::unique_ptr<Layer>> {
+    return [drop_first](
+               LayerContext& ctx) -> absl::StatusOr<std::unique_ptr<Layer>> {
       RETURN_IF_ERROR(NeedSequence(ctx));
       auto layer = std::unique_ptr<DropOneLayer>(new DropOneLayer(ctx.spec));
       layer->drop_first_ = drop_first;
@@ -111,8 +111,7 @@ class SequenceReverseLayer : public Layer {
   }
 
   absl::Status Run(absl::Span<const Value* const> in,
-                   absl::Span<Value* const> out,
-                   LayerScratch*) const override {
+                   absl::Span<Value* const> out, LayerScratch*) const override {
     Reverse(*in[0], out[0]);
     return absl::OkStatus();
   }
@@ -185,10 +184,11 @@ class AttentionLayer : public Layer {
       layer->score_ = Score::kAdditive;
       RETURN_IF_ERROR(NeedPositiveSize(ctx));
       const int64_t a = ctx.spec.size();
-      ASSIGN_OR_RETURN(Buffer<float> wq, ctx.weights->Take(
-                                             ctx.ArrayName("query_weight"), {a, dq}));
-      ASSIGN_OR_RETURN(Buffer<float> wk, ctx.weights->Take(
-                                             ctx.ArrayName("key_weight"), {a, dk}));
+      ASSIGN_OR_RETURN(
+          Buffer<float> wq,
+          ctx.weights->Take(ctx.ArrayName("query_weight"), {a, dq}));
+      ASSIGN_OR_RETURN(Buffer<float> wk,
+                       ctx.weights->Take(ctx.ArrayName("key_weight"), {a, dk}));
       ASSIGN_OR_RETURN(layer->bias_,
                        ctx.weights->Take(ctx.ArrayName("bias"), {a}));
       ASSIGN_OR_RETURN(layer->vector_,
@@ -290,16 +290,16 @@ void ReverseSequence(const Value& x, Value* y) {
 }
 
 void RegisterSequenceLayers(std::map<std::string, LayerType>* types) {
-  (*types)["SequenceLastLayer"] = {{"input"}, 1, false,
-                                   SequenceLastLayer::Create};
-  (*types)["SequenceMostLayer"] = {{"input"}, 1, false,
-                                   DropOneLayer::Factory(false)};
-  (*types)["SequenceRestLayer"] = {{"input"}, 1, false,
-                                   DropOneLayer::Factory(true)};
-  (*types)["SequenceReverseLayer"] = {{"input"}, 1, false,
-                                      SequenceReverseLayer::Create};
-  (*types)["AttentionLayer"] = {{"query", "keys", "values"}, 2, false,
-                                AttentionLayer::Create};
+  (*types)["SequenceLastLayer"] = {
+      {"input"}, 1, false, SequenceLastLayer::Create};
+  (*types)["SequenceMostLayer"] = {
+      {"input"}, 1, false, DropOneLayer::Factory(false)};
+  (*types)["SequenceRestLayer"] = {
+      {"input"}, 1, false, DropOneLayer::Factory(true)};
+  (*types)["SequenceReverseLayer"] = {
+      {"input"}, 1, false, SequenceReverseLayer::Create};
+  (*types)["AttentionLayer"] = {
+      {"query", "keys", "values"}, 2, false, AttentionLayer::Create};
 }
 
 }  // namespace rnnserve::engine

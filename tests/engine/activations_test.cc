@@ -58,8 +58,7 @@ TEST(Softmax, RowsSumToOneAndSurviveLargeInputs) {
     for (int i = 0; i < 3; ++i) sum += y[r * 3 + i];
     EXPECT_NEAR(sum, 1.0, 1e-6);
   }
-  EXPECT_NEAR(y[1], std::exp(1.0) / (1 + std::exp(1.0) + std::exp(-1.0)),
-              1e-6);
+  EXPECT_NEAR(y[1], std::exp(1.0) / (1 + std::exp(1.0) + std::exp(-1.0)), 1e-6);
 }
 
 }  // namespace

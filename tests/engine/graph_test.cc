@@ -51,10 +51,15 @@ TEST(GraphWiring, UnknownOutputPortListsThePorts) {
   const std::string net = R"pb(
     inputs { name: "x" kind: VECTOR_SEQUENCE width: 2 }
     layers { name: "lstm" type: "LongShortTermMemoryLayer" size: 3 }
-    layers { name: "act" type: "ElementwiseLayer" function: "tanh"
-             inputs: "lstm.hidden" }
+    layers {
+      name: "act"
+      type: "ElementwiseLayer"
+      function: "tanh"
+      inputs: "lstm.hidden"
+    }
   )pb";
-  auto model = LoadWith("bad_port", net, RecurrentArrays("lstm", 4, 2, 3, &rng));
+  auto model =
+      LoadWith("bad_port", net, RecurrentArrays("lstm", 4, 2, 3, &rng));
   ASSERT_FALSE(model.ok());
   EXPECT_THAT(model.status().message(),
               HasSubstr("layer 'lstm' has no output port 'hidden' (ports: "
@@ -65,10 +70,16 @@ TEST(GraphWiring, UnknownInputPortIsNamed) {
   std::mt19937 rng(1);
   const std::string net = R"pb(
     inputs { name: "x" kind: VECTOR_SEQUENCE width: 2 }
-    layers { name: "gru" type: "GatedRecurrentLayer" size: 3
-             inputs: "x" inputs: "cell=x" }
+    layers {
+      name: "gru"
+      type: "GatedRecurrentLayer"
+      size: 3
+      inputs: "x"
+      inputs: "cell=x"
+    }
   )pb";
-  auto model = LoadWith("bad_in_port", net, RecurrentArrays("gru", 3, 2, 3, &rng));
+  auto model =
+      LoadWith("bad_in_port", net, RecurrentArrays("gru", 3, 2, 3, &rng));
   ASSERT_FALSE(model.ok());
   EXPECT_THAT(model.status().message(),
               HasSubstr("has no input port 'cell' (ports: input, state)"));
@@ -91,9 +102,11 @@ TEST(GraphWiring, FoldCellMustOutputEachState) {
   const std::string net = R"pb(
     inputs { name: "x" kind: VECTOR_SEQUENCE width: 2 }
     layers {
-      name: "fold" type: "NetFoldOperator"
+      name: "fold"
+      type: "NetFoldOperator"
       net {
-        inputs { name: "x" } inputs { name: "h" kind: VECTOR width: 3 }
+        inputs { name: "x" }
+        inputs { name: "h" kind: VECTOR width: 3 }
         layers { name: "cat" type: "CatenateLayer" inputs: "x" inputs: "h" }
       }
     }
@@ -153,23 +166,27 @@ TEST(Operators, SteadyStateRunsAllocateNothing) {
   const std::string net = R"pb(
     inputs { name: "x" kind: VECTOR_SEQUENCE width: 3 }
     layers {
-      name: "bi" type: "NetBidirectionalOperator"
+      name: "bi"
+      type: "NetBidirectionalOperator"
       net {
         inputs { name: "x" }
         layers { name: "rnn" type: "LongShortTermMemoryLayer" size: 4 }
       }
     }
     layers {
-      name: "fold" type: "NetFoldListOperator"
+      name: "fold"
+      type: "NetFoldListOperator"
       net {
-        inputs { name: "x" } inputs { name: "h" kind: VECTOR width: 4 }
+        inputs { name: "x" }
+        inputs { name: "h" kind: VECTOR width: 4 }
         layers { name: "cat" type: "CatenateLayer" inputs: "x" inputs: "h" }
         layers { name: "lin" type: "LinearLayer" size: 4 }
         layers { name: "act" type: "ElementwiseLayer" function: "tanh" }
       }
     }
     layers {
-      name: "map" type: "NetMapOperator"
+      name: "map"
+      type: "NetMapOperator"
       net {
         inputs { name: "x" }
         layers { name: "lin" type: "LinearLayer" size: 2 }

@@ -109,8 +109,12 @@ TEST(NetLoading, RecurrentLayerOnTokenIdsAsksForAnEmbedding) {
 TEST(NetLoading, DanglingInputReferenceIsNamed) {
   const std::string net = R"pb(
     inputs { name: "input" kind: VECTOR_SEQUENCE width: 2 }
-    layers { name: "act" type: "ElementwiseLayer" function: "tanh"
-             inputs: "nowhere" }
+    layers {
+      name: "act"
+      type: "ElementwiseLayer"
+      function: "tanh"
+      inputs: "nowhere"
+    }
   )pb";
   auto model = LoadWith("dangling", net, {});
   ASSERT_FALSE(model.ok());
@@ -203,8 +207,12 @@ TEST(GatedRecurrentLayer, ResetBeforeFormMatchesItsEquations) {
   const int64_t in = 3, h = 4;
   const std::string net = R"pb(
     inputs { name: "x" kind: VECTOR_SEQUENCE width: 3 }
-    layers { name: "gru" type: "GatedRecurrentLayer" size: 4
-             reset_before: true }
+    layers {
+      name: "gru"
+      type: "GatedRecurrentLayer"
+      size: 4
+      reset_before: true
+    }
   )pb";
   std::vector<Array> arrays = {RandomArray("gru.weight_ih", {3 * h, in}, &rng),
                                RandomArray("gru.weight_hh", {3 * h, h}, &rng),
@@ -230,7 +238,8 @@ TEST(GatedRecurrentLayer, ResetBeforeFormMatchesItsEquations) {
   for (int64_t t = 0; t < steps; ++t) {
     auto input_part = [&](int64_t row) {
       double s = bi[row];
-      for (int64_t k = 0; k < in; ++k) s += wi[row * in + k] * x.values[t * in + k];
+      for (int64_t k = 0; k < in; ++k)
+        s += wi[row * in + k] * x.values[t * in + k];
       return s;
     };
     auto state_part = [&](int64_t row, const std::vector<double>& v) {

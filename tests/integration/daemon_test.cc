@@ -1448,8 +1448,8 @@ TEST_F(DaemonTest, TaggerExampleMatchesPyTorchOnEveryCharacter) {
                                         info->outputs(0).labels().end());
 
   const fs::path reference = folder_->path() / "tagger_reference.json";
-  const fs::path version_dir = folder_->path() / "models" / "tagger" /
-                               absl::StrCat(info->version());
+  const fs::path version_dir =
+      folder_->path() / "models" / "tagger" / absl::StrCat(info->version());
   const CommandResult script = RunCommand(absl::StrCat(
       kPython, " ", ShellQuote(kReferenceScript), " ",
       ShellQuote(version_dir.string()), " --count 50 --seed 12345 --out ",

@@ -102,11 +102,9 @@ TEST_P(PyTorchParity, MatchesPyTorchOnMixedLengthBatch) {
     for (size_t i = 0; i < got.size(); ++i) {
       worst = std::max(worst, std::fabs(double{got[i]} - c.expected[o][i]));
     }
-    EXPECT_LE(worst, kTolerance)
-        << "max abs error against PyTorch, output "
-        << c.model->spec().outputs(o).name();
-    RecordProperty("max_abs_error_" + std::to_string(o),
-                   std::to_string(worst));
+    EXPECT_LE(worst, kTolerance) << "max abs error against PyTorch, output "
+                                 << c.model->spec().outputs(o).name();
+    RecordProperty("max_abs_error_" + std::to_string(o), std::to_string(worst));
   }
 }
 
@@ -157,7 +155,8 @@ TEST_P(PyTorchParity, EachInstanceAloneEqualsItsRowsInTheBatch) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, PyTorchParity, testing::ValuesIn(CaseNames()),
+INSTANTIATE_TEST_SUITE_P(Fixtures, PyTorchParity,
+                         testing::ValuesIn(CaseNames()),
                          [](const testing::TestParamInfo<std::string>& info) {
                            return info.param;
                          });
