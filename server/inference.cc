@@ -241,7 +241,11 @@ absl::Status RunInference(const ModelRepository& repository,
   RETURN_IF_ERROR(BuildInputs(model, request, entry->limits, &inputs));
   engine::NetOutputs outputs;
   engine::Execution exec = served->Acquire();
-  absl::Status run = model.net().Run(inputs, &exec, &outputs);
+  absl::Status run;
+  {
+    absl::MutexLock lock(&repository.run_mutex());
+    run = model.net().Run(inputs, &exec, &outputs);
+  }
   served->Release(std::move(exec));
   RETURN_IF_ERROR(run);
 

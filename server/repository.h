@@ -84,8 +84,17 @@ class ModelRepository {
   absl::StatusOr<std::shared_ptr<ServedVersion>> Resolve(
       const std::string& name, int64_t version) const;
 
+  // Held while a net runs. Each run already spreads its matrix products
+  // over every core, so running requests one at a time gives the same
+  // throughput without oversubscribing the cores (two OpenMP teams on two
+  // cores spin against each other and both slow down many times over).
+  // TODO: a batching scheduler should merge waiting requests into one
+  // packed batch instead of queueing them here.
+  absl::Mutex& run_mutex() const { return run_mu_; }
+
  private:
   std::vector<ModelEntry> models_;
+  mutable absl::Mutex run_mu_;
 };
 
 // Loads one model folder; exposed for tests.
