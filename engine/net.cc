@@ -10,6 +10,10 @@
 namespace rnnserve::engine {
 namespace {
 
+// Packing and unpacking copies of at least this many floats are split over
+// the cores.
+constexpr int64_t kParallelCopy = 1 << 18;
+
 absl::StatusOr<PortType> InputType(const v1::InputSpec& input, int index) {
   switch (input.kind()) {
     case v1::TOKEN_SEQUENCE:
@@ -132,6 +136,11 @@ absl::Status CheckInput(const std::string& name, const PortType& type,
         "input '%s' has %d floats; %d vectors of width %d need %d", name,
         batch.vectors.size(), total, type.width, total * type.width));
   }
+  // x - x is 0 for every finite x and NaN otherwise: one vectorized pass
+  // tells whether there is anything to report.
+  float probe = 0.0f;
+  for (float v : batch.vectors) probe += v - v;
+  if (probe == 0.0f) return absl::OkStatus();
   int64_t k = 0;
   for (size_t i = 0; i < batch.lengths.size(); ++i) {
     for (int64_t t = 0; t < batch.lengths[i]; ++t) {
@@ -191,9 +200,12 @@ absl::Status Net::ValidateAndPack(const NetInputs& inputs,
     for (size_t k = 1; k < batch; ++k) {
       exec->starts_[k] = exec->starts_[k - 1] + in.lengths[k - 1];
     }
+    const int64_t* starts = exec->starts_.data();
+#pragma omp parallel for schedule(static) if (layout.total_rows() * w >= \
+                                              kParallelCopy)
     for (int64_t t = 0; t < layout.max_length(); ++t) {
       for (int64_t s = 0; s < layout.batch_size(t); ++s) {
-        const int64_t src = exec->starts_[layout.original_index(s)] + t;
+        const int64_t src = starts[layout.original_index(s)] + t;
         const int64_t dst = layout.row(s, t);
         if (type.tokens) {
           value.ids[dst] = in.tokens[src];
@@ -232,9 +244,16 @@ absl::Status Net::Run(const NetInputs& inputs, Execution* exec,
       out.lengths[i] = layout.sorted_length(layout.sorted_position(i));
     }
     out.values.resize(value.rows * w);
-    float* dst = out.values.data();
+    // Where each instance's rows start in the output.
+    exec->starts_.resize(batch);
+    for (int64_t i = 0, row = 0; i < batch; row += out.lengths[i], ++i) {
+      exec->starts_[i] = row;
+    }
+    const int64_t* starts = exec->starts_.data();
+#pragma omp parallel for schedule(static) if (value.rows * w >= kParallelCopy)
     for (int64_t i = 0; i < batch; ++i) {
       const int64_t s = layout.sorted_position(i);
+      float* dst = out.values.data() + starts[i] * w;
       for (int64_t t = 0; t < out.lengths[i]; ++t, dst += w) {
         std::memcpy(dst, value.row(layout.row(s, t)), w * sizeof(float));
       }

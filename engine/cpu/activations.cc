@@ -37,6 +37,31 @@ void Gelu(const float* x, float* y, int64_t n) {
   }
 }
 
+void LstmCell(const float* __restrict gi, const float* __restrict gf,
+              const float* __restrict gg, const float* __restrict go,
+              float* __restrict c, float* __restrict h, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float cj =
+        FastSigmoid(gf[j]) * c[j] + FastSigmoid(gi[j]) * FastTanh(gg[j]);
+    c[j] = cj;
+    h[j] = FastSigmoid(go[j]) * FastTanh(cj);
+  }
+}
+
+void GruCell(const float* __restrict x_r, const float* __restrict x_z,
+             const float* __restrict x_n, const float* __restrict s_r,
+             const float* __restrict s_z, const float* __restrict s_n,
+             const float* __restrict b_hn, const float* __restrict prev,
+             float* __restrict h, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float r = FastSigmoid(x_r[j] + s_r[j]);
+    const float z = FastSigmoid(x_z[j] + s_z[j]);
+    const float candidate = FastTanh(x_n[j] + r * (s_n[j] + b_hn[j]));
+    const float before = prev == nullptr ? 0.0f : prev[j];
+    h[j] = candidate + z * (before - candidate);
+  }
+}
+
 void Softmax(const float* x, float* y, int64_t rows, int64_t width) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* in = x + r * width;

@@ -51,6 +51,18 @@ void Elu(const float* x, float* y, int64_t n);
 void Softplus(const float* x, float* y, int64_t n);
 void Gelu(const float* x, float* y, int64_t n);
 
+// The LSTM cell update for n units: gates i, f, g, o (pre-activation),
+// c <- sigmoid(f) c + sigmoid(i) tanh(g), h <- sigmoid(o) tanh(c).
+void LstmCell(const float* gi, const float* gf, const float* gg,
+              const float* go, float* c, float* h, int64_t n);
+
+// The GRU update (reset after the recurrent product) for n units: x_* are
+// the input projections with their biases, s_* the recurrent products,
+// b_hn the recurrent bias of n, prev the previous state (nullptr: zeros).
+void GruCell(const float* x_r, const float* x_z, const float* x_n,
+             const float* s_r, const float* s_z, const float* s_n,
+             const float* b_hn, const float* prev, float* h, int64_t n);
+
 // Softmax over each of `rows` rows of `width` elements.
 void Softmax(const float* x, float* y, int64_t rows, int64_t width);
 

@@ -28,7 +28,8 @@ constexpr int64_t kParallelWork = 1 << 18;
 // C rows [0, rows) x panel columns [0, cols) of one panel.
 template <int kR>
 void MicroKernel(int64_t k, const float* a, int64_t lda, const float* panel,
-                 float* c, int64_t ldc, int64_t cols, bool accumulate) {
+                 float* c, int64_t ldc, int64_t cols, bool accumulate,
+                 const float* bias) {
   __m512 acc[kR][2];
   for (int r = 0; r < kR; ++r) {
     acc[r][0] = _mm512_setzero_ps();
@@ -46,12 +47,20 @@ void MicroKernel(int64_t k, const float* a, int64_t lda, const float* panel,
   const __mmask16 m0 = cols >= 16 ? 0xFFFF : (1u << cols) - 1;
   const __mmask16 m1 =
       cols >= 32 ? 0xFFFF : (cols <= 16 ? 0 : (1u << (cols - 16)) - 1);
+  const __m512 bias0 =
+      bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+  const __m512 bias1 =
+      bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
   for (int r = 0; r < kR; ++r) {
     float* row = c + r * ldc;
     __m512 v0 = acc[r][0], v1 = acc[r][1];
     if (accumulate) {
       v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
       v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row + 16));
+    }
+    if (bias) {
+      v0 = _mm512_add_ps(v0, bias0);
+      v1 = _mm512_add_ps(v1, bias1);
     }
     _mm512_mask_storeu_ps(row, m0, v0);
     _mm512_mask_storeu_ps(row + 16, m1, v1);
@@ -64,7 +73,8 @@ void MicroKernel(int64_t k, const float* a, int64_t lda, const float* panel,
 // element, so results match the vector kernel bit for bit.
 template <int kR>
 void MicroKernel(int64_t k, const float* a, int64_t lda, const float* panel,
-                 float* c, int64_t ldc, int64_t cols, bool accumulate) {
+                 float* c, int64_t ldc, int64_t cols, bool accumulate,
+                 const float* bias) {
   float acc[kR][kPanelWidth] = {};
   for (int64_t p = 0; p < k; ++p) {
     const float* b = panel + p * kPanelWidth;
@@ -77,7 +87,9 @@ void MicroKernel(int64_t k, const float* a, int64_t lda, const float* panel,
   }
   for (int r = 0; r < kR; ++r) {
     for (int64_t j = 0; j < cols; ++j) {
-      c[r * ldc + j] = accumulate ? acc[r][j] + c[r * ldc + j] : acc[r][j];
+      float v = accumulate ? acc[r][j] + c[r * ldc + j] : acc[r][j];
+      if (bias) v += bias[j];
+      c[r * ldc + j] = v;
     }
   }
 }
@@ -85,7 +97,7 @@ void MicroKernel(int64_t k, const float* a, int64_t lda, const float* panel,
 #endif
 
 using Kernel = void (*)(int64_t, const float*, int64_t, const float*, float*,
-                        int64_t, int64_t, bool);
+                        int64_t, int64_t, bool, const float*);
 constexpr Kernel kKernels[kRows + 1] = {
     nullptr,        MicroKernel<1>, MicroKernel<2>,
     MicroKernel<3>, MicroKernel<4>, MicroKernel<5>,
@@ -93,13 +105,14 @@ constexpr Kernel kKernels[kRows + 1] = {
 
 // One tile: rows [row0, row1) against panel p.
 void Tile(int64_t row0, int64_t row1, int64_t p, const float* a, int64_t lda,
-          const PackedWeights& w, float* c, int64_t ldc, bool accumulate) {
+          const PackedWeights& w, float* c, int64_t ldc, bool accumulate,
+          const float* bias) {
   const int64_t col0 = p * kPanelWidth;
   const int64_t cols = std::min(kPanelWidth, w.n() - col0);
   for (int64_t r = row0; r < row1; r += kRows) {
     const int64_t rows = std::min(kRows, row1 - r);
     kKernels[rows](w.k(), a + r * lda, lda, w.panel(p), c + r * ldc + col0, ldc,
-                   cols, accumulate);
+                   cols, accumulate, bias ? bias + col0 : nullptr);
   }
 }
 
@@ -120,11 +133,14 @@ PackedWeights PackedWeights::Pack(const float* w, int64_t n, int64_t k) {
 }
 
 void Gemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
-          float* c, int64_t ldc, bool accumulate) {
+          float* c, int64_t ldc, bool accumulate, const float* bias) {
   if (m == 0 || w.n() == 0) return;
   if (w.k() == 0) {
-    if (!accumulate) {
-      for (int64_t r = 0; r < m; ++r) std::memset(c + r * ldc, 0, w.n() * 4);
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t j = 0; j < w.n(); ++j) {
+        float& v = c[r * ldc + j];
+        v = (accumulate ? v : 0.0f) + (bias ? bias[j] : 0.0f);
+      }
     }
     return;
   }
@@ -141,7 +157,7 @@ void Gemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
     const int64_t block = t / panels;
     const int64_t row0 = block * kBlockRows;
     const int64_t row1 = std::min(m, row0 + kBlockRows);
-    Tile(row0, row1, t % panels, a, lda, w, c, ldc, accumulate);
+    Tile(row0, row1, t % panels, a, lda, w, c, ldc, accumulate, bias);
   }
 }
 
@@ -172,7 +188,7 @@ void GatedGemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
     const int64_t row1 = std::min(m, row0 + kBlockRows);
     const int64_t u = t % groups;
     for (int64_t q = 0; q < gates; ++q) {
-      Tile(row0, row1, q * groups + u, a, lda, w, c, ldc, accumulate);
+      Tile(row0, row1, q * groups + u, a, lda, w, c, ldc, accumulate, nullptr);
     }
     epilogue(row0, row1, u * kPanelWidth, (u + 1) * kPanelWidth);
   }

@@ -42,11 +42,12 @@ class PackedWeights {
   Buffer<float> data_;
 };
 
-// C[m, n] = A[m, k] W^T (+ C when `accumulate`). lda and ldc are row strides
-// in elements. Splits the work over OpenMP threads when it is large enough
-// to pay for them. Thread-safe.
+// C[m, n] = A[m, k] W^T (+ C when `accumulate`) (+ bias[n] when `bias` is
+// not null), each sum taken in that order. lda and ldc are row strides in
+// elements. Splits the work over OpenMP threads when it is large enough to
+// pay for them. Thread-safe.
 void Gemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
-          float* c, int64_t ldc, bool accumulate);
+          float* c, int64_t ldc, bool accumulate, const float* bias = nullptr);
 
 // Called after a tile of a GatedGemm with the rows [row0, row1) and units
 // [unit0, unit1) whose gate columns are all computed.

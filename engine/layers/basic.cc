@@ -16,13 +16,6 @@ namespace {
 using cpu::Gemm;
 using cpu::PackedWeights;
 
-void AddBias(float* x, const float* bias, int64_t rows, int64_t width) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* row = x + r * width;
-    for (int64_t i = 0; i < width; ++i) row[i] += bias[i];
-  }
-}
-
 PortType WithWidth(PortType t, int64_t width) {
   t.tokens = false;
   t.width = width;
@@ -93,8 +86,8 @@ class LinearLayer : public Layer {
     Value& y = *out[0];
     const int64_t n = weight_.n();
     y.Reshape(output_type(0), x.rows, x.layout);
-    Gemm(x.rows, x.data.data(), x.type.width, weight_, y.data.data(), n, false);
-    AddBias(y.data.data(), bias_.data(), x.rows, n);
+    Gemm(x.rows, x.data.data(), x.type.width, weight_, y.data.data(), n, false,
+         bias_.data());
     return absl::OkStatus();
   }
 
@@ -337,19 +330,20 @@ class ReshapeLayer : public Layer {
 
 void RegisterBasicLayers(std::map<std::string, LayerType>* types) {
   using Op = CombineLayer::Op;
-  (*types)["EmbeddingLayer"] = {{"input"}, 1, false, EmbeddingLayer::Create};
-  (*types)["LinearLayer"] = {{"input"}, 1, false, LinearLayer::Create};
+  (*types)["EmbeddingLayer"] = {
+      {"input"}, 1, false, EmbeddingLayer::Create, {}};
+  (*types)["LinearLayer"] = {{"input"}, 1, false, LinearLayer::Create, {}};
   (*types)["ElementwiseLayer"] = {
-      {"input"}, 1, false, ElementwiseLayer::Create};
-  (*types)["SoftmaxLayer"] = {{"input"}, 1, false, SoftmaxLayer::Create};
+      {"input"}, 1, false, ElementwiseLayer::Create, {}};
+  (*types)["SoftmaxLayer"] = {{"input"}, 1, false, SoftmaxLayer::Create, {}};
   (*types)["CatenateLayer"] = {
-      {}, 1, true, CombineLayer::Factory(Op::kCatenate)};
-  (*types)["TotalLayer"] = {{}, 1, true, CombineLayer::Factory(Op::kTotal)};
-  (*types)["TimesLayer"] = {{}, 1, true, CombineLayer::Factory(Op::kTimes)};
+      {}, 1, true, CombineLayer::Factory(Op::kCatenate), {}};
+  (*types)["TotalLayer"] = {{}, 1, true, CombineLayer::Factory(Op::kTotal), {}};
+  (*types)["TimesLayer"] = {{}, 1, true, CombineLayer::Factory(Op::kTimes), {}};
   (*types)["SubtractLayer"] = {
-      {}, 2, true, CombineLayer::Factory(Op::kSubtract)};
-  (*types)["DropoutLayer"] = {{"input"}, 1, false, DropoutLayer::Create};
-  (*types)["ReshapeLayer"] = {{"input"}, 1, false, ReshapeLayer::Create};
+      {}, 2, true, CombineLayer::Factory(Op::kSubtract), {}};
+  (*types)["DropoutLayer"] = {{"input"}, 1, false, DropoutLayer::Create, {}};
+  (*types)["ReshapeLayer"] = {{"input"}, 1, false, ReshapeLayer::Create, {}};
 }
 
 }  // namespace rnnserve::engine

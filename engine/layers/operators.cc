@@ -465,7 +465,8 @@ class NetBidirectionalOperator : public Layer {
 }  // namespace
 
 void RegisterOperators(std::map<std::string, LayerType>* types) {
-  (*types)["NetMapOperator"] = {{"input"}, 1, false, NetMapOperator::Create};
+  (*types)["NetMapOperator"] = {
+      {"input"}, 1, false, NetMapOperator::Create, {}};
   (*types)["NetFoldOperator"] = {{"input"},
                                  1,
                                  false,
@@ -477,11 +478,11 @@ void RegisterOperators(std::map<std::string, LayerType>* types) {
                                      NetFoldOperator::Factory(true),
                                      NetFoldOperator::Ports};
   (*types)["NetNestOperator"] = {
-      {"input"}, 1, false, NetNestOperator::Factory(false)};
+      {"input"}, 1, false, NetNestOperator::Factory(false), {}};
   (*types)["NetNestListOperator"] = {
-      {"input"}, 1, false, NetNestOperator::Factory(true)};
+      {"input"}, 1, false, NetNestOperator::Factory(true), {}};
   (*types)["NetBidirectionalOperator"] = {
-      {"input"}, 1, false, NetBidirectionalOperator::Create};
+      {"input"}, 1, false, NetBidirectionalOperator::Create, {}};
 }
 
 }  // namespace rnnserve::engine

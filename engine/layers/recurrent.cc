@@ -50,11 +50,8 @@ class RecurrentLayer : public Layer {
     // The input projection of all rows, with the biases that fold in.
     Buffer<float>& xproj = scratch->a;
     xproj.Resize(x.rows * g);
-    Gemm(x.rows, x.data.data(), in_width_, packed_ih_, xproj.data(), g, false);
-    for (int64_t r = 0; r < x.rows; ++r) {
-      float* row = xproj.data() + r * g;
-      for (int64_t i = 0; i < g; ++i) row[i] += input_bias_[i];
-    }
+    Gemm(x.rows, x.data.data(), in_width_, packed_ih_, xproj.data(), g, false,
+         input_bias_.data());
 
     // Initial states, sorted like the layout; nullptr means zeros.
     const float* initial = nullptr;
@@ -262,18 +259,9 @@ class LongShortTermMemoryLayer : public RecurrentLayer {
     float* cell = scratch->b.data();
     auto update = [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
       for (int64_t r = r0; r < r1; ++r) {
-        const float* gi = xproj + r * 4 * h;
-        const float* gf = gi + h;
-        const float* gg = gi + 2 * h;
-        const float* go = gi + 3 * h;
-        float* c = cell + r * h;
-        float* out = next + r * h;
-        for (int64_t j = u0; j < u1; ++j) {
-          const float cj =
-              FastSigmoid(gf[j]) * c[j] + FastSigmoid(gi[j]) * FastTanh(gg[j]);
-          c[j] = cj;
-          out[j] = FastSigmoid(go[j]) * FastTanh(cj);
-        }
+        const float* gates = xproj + r * 4 * h + u0;
+        cpu::LstmCell(gates, gates + h, gates + 2 * h, gates + 3 * h,
+                      cell + r * h + u0, next + r * h + u0, u1 - u0);
       }
     };
     if (prev != nullptr) {
@@ -332,17 +320,11 @@ class GatedRecurrentLayer : public RecurrentLayer {
     const float* bhn = bias_hh_.data() + 2 * h;
     auto update = [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
       for (int64_t r = r0; r < r1; ++r) {
-        const float* x = xproj + r * 3 * h;
-        const float* hp = hproj.data() + r * 3 * h;
-        float* out = next + r * h;
-        for (int64_t j = u0; j < u1; ++j) {
-          const float rg = FastSigmoid(x[j] + hp[j]);
-          const float zg = FastSigmoid(x[h + j] + hp[h + j]);
-          const float n =
-              FastTanh(x[2 * h + j] + rg * (hp[2 * h + j] + bhn[j]));
-          const float hprev = prev == nullptr ? 0.0f : prev[r * h + j];
-          out[j] = n + zg * (hprev - n);
-        }
+        const float* x = xproj + r * 3 * h + u0;
+        const float* s = hproj.data() + r * 3 * h + u0;
+        cpu::GruCell(x, x + h, x + 2 * h, s, s + h, s + 2 * h, bhn + u0,
+                     prev == nullptr ? nullptr : prev + r * h + u0,
+                     next + r * h + u0, u1 - u0);
       }
     };
     if (prev != nullptr) {
@@ -402,11 +384,14 @@ class GatedRecurrentLayer : public RecurrentLayer {
 
 void RegisterRecurrentLayers(std::map<std::string, LayerType>* types) {
   (*types)["BasicRecurrentLayer"] = {
-      {"input", "state"}, 1, false, BasicRecurrentLayer::Create};
+      {"input", "state"}, 1, false, BasicRecurrentLayer::Create, {}};
   (*types)["GatedRecurrentLayer"] = {
-      {"input", "state"}, 1, false, GatedRecurrentLayer::Create};
-  (*types)["LongShortTermMemoryLayer"] = {
-      {"input", "state", "cell"}, 1, false, LongShortTermMemoryLayer::Create};
+      {"input", "state"}, 1, false, GatedRecurrentLayer::Create, {}};
+  (*types)["LongShortTermMemoryLayer"] = {{"input", "state", "cell"},
+                                          1,
+                                          false,
+                                          LongShortTermMemoryLayer::Create,
+                                          {}};
 }
 
 }  // namespace rnnserve::engine

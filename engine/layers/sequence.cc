@@ -291,15 +291,15 @@ void ReverseSequence(const Value& x, Value* y) {
 
 void RegisterSequenceLayers(std::map<std::string, LayerType>* types) {
   (*types)["SequenceLastLayer"] = {
-      {"input"}, 1, false, SequenceLastLayer::Create};
+      {"input"}, 1, false, SequenceLastLayer::Create, {}};
   (*types)["SequenceMostLayer"] = {
-      {"input"}, 1, false, DropOneLayer::Factory(false)};
+      {"input"}, 1, false, DropOneLayer::Factory(false), {}};
   (*types)["SequenceRestLayer"] = {
-      {"input"}, 1, false, DropOneLayer::Factory(true)};
+      {"input"}, 1, false, DropOneLayer::Factory(true), {}};
   (*types)["SequenceReverseLayer"] = {
-      {"input"}, 1, false, SequenceReverseLayer::Create};
+      {"input"}, 1, false, SequenceReverseLayer::Create, {}};
   (*types)["AttentionLayer"] = {
-      {"query", "keys", "values"}, 2, false, AttentionLayer::Create};
+      {"query", "keys", "values"}, 2, false, AttentionLayer::Create, {}};
 }
 
 }  // namespace rnnserve::engine
