@@ -232,6 +232,18 @@ std::unique_ptr<GraphState> Graph::NewState() const {
   size_t widest = 0;
   for (size_t i = 0; i < nodes_.size(); ++i) {
     state->values_[i].resize(nodes_[i].layer->num_outputs());
+    state->scratch_[i].needed.assign(nodes_[i].layer->num_outputs(), false);
+  }
+  auto mark = [&](Source s) {
+    if (s.node >= 0) state->scratch_[s.node].needed[s.port] = true;
+  };
+  for (const Node& node : nodes_) {
+    for (const auto& source : node.inputs) {
+      if (source) mark(*source);
+    }
+  }
+  for (Source s : outputs_) mark(s);
+  for (size_t i = 0; i < nodes_.size(); ++i) {
     nodes_[i].layer->InitScratch(&state->scratch_[i]);
     widest =
         std::max({widest, nodes_[i].inputs.size(), state->values_[i].size()});

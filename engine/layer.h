@@ -44,6 +44,9 @@ struct LayerScratch {
   std::vector<int64_t> lengths;
   // Working memory of operator sub-nets.
   std::vector<std::unique_ptr<GraphState>> nested;
+  // needed[p]: whether anything reads output port p. A layer may skip the
+  // work of an unread port other than 0 (leaving its Value untouched).
+  std::vector<bool> needed;
   // Values an operator feeds to its sub-nets, and pointers to them.
   std::vector<Value> values;
   std::vector<const Value*> args;

@@ -70,6 +70,9 @@ class RecurrentLayer : public Layer {
       AfterStep(layout, t, out, scratch);
     }
 
+    FinishSequence(layout, out, scratch);
+    if (!scratch->needed[1]) return absl::OkStatus();
+
     // Each sequence's final state, in caller order.
     Value& last = *out[1];
     last.Reshape(output_type(1), layout.batch());
@@ -79,7 +82,6 @@ class RecurrentLayer : public Layer {
                   y.row(layout.row(s, layout.sorted_length(s) - 1)),
                   h * sizeof(float));
     }
-    FinishSequence(layout, out, scratch);
     return absl::OkStatus();
   }
 
@@ -229,12 +231,15 @@ class LongShortTermMemoryLayer : public RecurrentLayer {
     } else {
       scratch->b.Zero();
     }
-    out[3]->Reshape(output_type(3), layout.total_rows(), &layout);
+    if (scratch->needed[3]) {
+      out[3]->Reshape(output_type(3), layout.total_rows(), &layout);
+    }
   }
 
   void AfterStep(const SequenceLayout& layout, int64_t t,
                  absl::Span<Value* const> out,
                  LayerScratch* scratch) const override {
+    if (!scratch->needed[3]) return;
     std::memcpy(out[3]->row(layout.offset(t)), scratch->b.data(),
                 layout.batch_size(t) * hidden_ * sizeof(float));
   }
@@ -244,6 +249,7 @@ class LongShortTermMemoryLayer : public RecurrentLayer {
                       LayerScratch* scratch) const override {
     // Rows of finished sequences are never touched again, so each sorted
     // row holds its sequence's final cell state.
+    if (!scratch->needed[2]) return;
     Value& cell = *out[2];
     cell.Reshape(output_type(2), layout.batch());
     for (int64_t i = 0; i < layout.batch(); ++i) {

@@ -120,6 +120,7 @@ class SequenceReverseLayer : public Layer {
     const SequenceLayout& layout = *x.layout;
     const int64_t w = x.type.width;
     y->Reshape(x.type, x.rows, x.layout);
+#pragma omp parallel for schedule(static) if (x.rows * w >= (1 << 18))
     for (int64_t t = 0; t < layout.max_length(); ++t) {
       for (int64_t s = 0; s < layout.batch_size(t); ++s) {
         const int64_t back = layout.sorted_length(s) - 1 - t;
