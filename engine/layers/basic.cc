@@ -272,34 +272,19 @@ class CombineLayer : public Layer {
   Op op_ = Op::kTotal;
 };
 
-// Identity at inference; kept so that trained nets load unchanged.
-class DropoutLayer : public Layer {
+// DropoutLayer (identity at inference, kept so that trained nets load
+// unchanged) and ReshapeLayer (rows are flat here, so a reshape to [a, b]
+// only checks that rows hold a * b elements) both copy their input.
+class CopyLayer : public Layer {
  public:
-  static absl::StatusOr<std::unique_ptr<Layer>> Create(LayerContext& ctx) {
+  static absl::StatusOr<std::unique_ptr<Layer>> CreateDropout(
+      LayerContext& ctx) {
     RETURN_IF_ERROR(NeedFloat(ctx));
-    auto layer = std::unique_ptr<DropoutLayer>(new DropoutLayer(ctx.spec));
-    layer->AddOutput("output", ctx.input());
-    return layer;
+    return Make(ctx);
   }
 
-  absl::Status Run(absl::Span<const Value* const> in,
-                   absl::Span<Value* const> out, LayerScratch*) const override {
-    const Value& x = *in[0];
-    out[0]->Reshape(output_type(0), x.rows, x.layout);
-    std::memcpy(out[0]->data.data(), x.data.data(),
-                x.rows * x.type.width * sizeof(float));
-    return absl::OkStatus();
-  }
-
- private:
-  using Layer::Layer;
-};
-
-// Reinterprets each row's elements with a new width. Rows are flat here,
-// so a reshape to [a, b] gives rows of a * b elements.
-class ReshapeLayer : public Layer {
- public:
-  static absl::StatusOr<std::unique_ptr<Layer>> Create(LayerContext& ctx) {
+  static absl::StatusOr<std::unique_ptr<Layer>> CreateReshape(
+      LayerContext& ctx) {
     RETURN_IF_ERROR(NeedFloat(ctx));
     int64_t width = 1;
     for (int64_t d : ctx.spec.dimensions()) width *= d;
@@ -308,9 +293,7 @@ class ReshapeLayer : public Layer {
           "%s reshapes rows of %d elements to dimensions [%s]", ctx.Describe(),
           ctx.input().width, absl::StrJoin(ctx.spec.dimensions(), ", ")));
     }
-    auto layer = std::unique_ptr<ReshapeLayer>(new ReshapeLayer(ctx.spec));
-    layer->AddOutput("output", ctx.input());
-    return layer;
+    return Make(ctx);
   }
 
   absl::Status Run(absl::Span<const Value* const> in,
@@ -324,6 +307,12 @@ class ReshapeLayer : public Layer {
 
  private:
   using Layer::Layer;
+
+  static std::unique_ptr<Layer> Make(LayerContext& ctx) {
+    auto layer = std::unique_ptr<CopyLayer>(new CopyLayer(ctx.spec));
+    layer->AddOutput("output", ctx.input());
+    return layer;
+  }
 };
 
 }  // namespace
@@ -342,8 +331,10 @@ void RegisterBasicLayers(std::map<std::string, LayerType>* types) {
   (*types)["TimesLayer"] = {{}, 1, true, CombineLayer::Factory(Op::kTimes), {}};
   (*types)["SubtractLayer"] = {
       {}, 2, true, CombineLayer::Factory(Op::kSubtract), {}};
-  (*types)["DropoutLayer"] = {{"input"}, 1, false, DropoutLayer::Create, {}};
-  (*types)["ReshapeLayer"] = {{"input"}, 1, false, ReshapeLayer::Create, {}};
+  (*types)["DropoutLayer"] = {
+      {"input"}, 1, false, CopyLayer::CreateDropout, {}};
+  (*types)["ReshapeLayer"] = {
+      {"input"}, 1, false, CopyLayer::CreateReshape, {}};
 }
 
 }  // namespace rnnserve::engine

@@ -19,13 +19,7 @@ using testing_util::FreshDir;
 using testing_util::RandomArray;
 using testing_util::WriteVersion;
 
-absl::StatusOr<std::unique_ptr<Model>> LoadWith(
-    const std::string& name, const std::string& net,
-    const std::vector<Array>& arrays) {
-  const std::string dir = FreshDir(name);
-  WriteVersion(dir, net, arrays);
-  return Model::Load(dir);
-}
+constexpr auto LoadWith = testing_util::LoadModelWith;
 
 std::vector<Array> RecurrentArrays(const std::string& name, int64_t gates,
                                    int64_t in, int64_t h, std::mt19937* rng) {

@@ -22,6 +22,8 @@ using testing_util::FreshDir;
 using testing_util::RandomArray;
 using testing_util::WriteVersion;
 
+constexpr auto LoadWith = testing_util::LoadModelWith;
+
 constexpr char kTokensToLstm[] = R"pb(
   inputs { name: "input" kind: TOKEN_SEQUENCE vocab_size: 5 }
   layers { name: "embed" type: "EmbeddingLayer" size: 3 }
@@ -39,14 +41,6 @@ std::vector<Array> TokensToLstmArrays(std::mt19937* rng) {
           RandomArray("lstm.bias_hh", {16}, rng),
           RandomArray("out.weight", {2, 4}, rng),
           RandomArray("out.bias", {2}, rng)};
-}
-
-absl::StatusOr<std::unique_ptr<Model>> LoadWith(
-    const std::string& name, const std::string& net,
-    const std::vector<Array>& arrays) {
-  const std::string dir = FreshDir(name);
-  WriteVersion(dir, net, arrays);
-  return Model::Load(dir);
 }
 
 TEST(NetLoading, NamesTheUnknownLayerTypeAndListsKnownOnes) {

@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "engine/model.h"
 #include "engine/safetensors.h"
 #include "gtest/gtest.h"
 
@@ -58,6 +59,15 @@ inline std::string FreshDir(const std::string& name) {
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
   return dir;
+}
+
+// Writes a version folder named `name` under the test temp dir and loads it.
+inline absl::StatusOr<std::unique_ptr<engine::Model>> LoadModelWith(
+    const std::string& name, const std::string& net_pbtxt,
+    const std::vector<Array>& arrays) {
+  const std::string dir = FreshDir(name);
+  WriteVersion(dir, net_pbtxt, arrays);
+  return engine::Model::Load(dir);
 }
 
 }  // namespace rnnserve::testing_util
