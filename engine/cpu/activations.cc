@@ -48,17 +48,37 @@ void LstmCell(const float* __restrict gi, const float* __restrict gf,
   }
 }
 
-void GruCell(const float* __restrict x_r, const float* __restrict x_z,
-             const float* __restrict x_n, const float* __restrict s_r,
-             const float* __restrict s_z, const float* __restrict s_n,
+void GruCell(const float* __restrict rz_r, const float* __restrict rz_z,
+             const float* __restrict x_n, const float* __restrict s_n,
              const float* __restrict b_hn, const float* __restrict prev,
              float* __restrict h, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float r = FastSigmoid(x_r[j] + s_r[j]);
-    const float z = FastSigmoid(x_z[j] + s_z[j]);
-    const float candidate = FastTanh(x_n[j] + r * (s_n[j] + b_hn[j]));
-    const float before = prev == nullptr ? 0.0f : prev[j];
-    h[j] = candidate + z * (before - candidate);
+  // Four loops rather than one with branches inside, so each vectorizes.
+  if (b_hn != nullptr && prev != nullptr) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float r = FastSigmoid(rz_r[j]);
+      const float z = FastSigmoid(rz_z[j]);
+      const float c = FastTanh(x_n[j] + r * (s_n[j] + b_hn[j]));
+      h[j] = c + z * (prev[j] - c);
+    }
+  } else if (b_hn != nullptr) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float r = FastSigmoid(rz_r[j]);
+      const float z = FastSigmoid(rz_z[j]);
+      const float c = FastTanh(x_n[j] + r * (s_n[j] + b_hn[j]));
+      h[j] = c + z * (0.0f - c);
+    }
+  } else if (prev != nullptr) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float z = FastSigmoid(rz_z[j]);
+      const float c = FastTanh(x_n[j] + s_n[j]);
+      h[j] = c + z * (prev[j] - c);
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const float z = FastSigmoid(rz_z[j]);
+      const float c = FastTanh(x_n[j] + s_n[j]);
+      h[j] = c + z * (0.0f - c);
+    }
   }
 }
 

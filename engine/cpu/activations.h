@@ -56,12 +56,15 @@ void Gelu(const float* x, float* y, int64_t n);
 void LstmCell(const float* gi, const float* gf, const float* gg,
               const float* go, float* c, float* h, int64_t n);
 
-// The GRU update (reset after the recurrent product) for n units: x_* are
-// the input projections with their biases, s_* the recurrent products,
-// b_hn the recurrent bias of n, prev the previous state (nullptr: zeros).
-void GruCell(const float* x_r, const float* x_z, const float* x_n,
-             const float* s_r, const float* s_z, const float* s_n,
-             const float* b_hn, const float* prev, float* h, int64_t n);
+// The GRU update for n units. rz_r and rz_z are the full r and z
+// pre-activations; x_n is n's input projection (with its biases) and s_n
+// n's recurrent product. With b_hn (the default form) the reset gate scales
+// s_n + b_hn; with b_hn null (the original form) s_n already holds
+// W_hn (r * h) and is added as it is. prev is the previous state (null:
+// zeros).
+void GruCell(const float* rz_r, const float* rz_z, const float* x_n,
+             const float* s_n, const float* b_hn, const float* prev, float* h,
+             int64_t n);
 
 // Softmax over each of `rows` rows of `width` elements.
 void Softmax(const float* x, float* y, int64_t rows, int64_t width);

@@ -282,6 +282,10 @@ class LongShortTermMemoryLayer : public RecurrentLayer {
 // the recurrent product (n = tanh(W_in x + b_in + r * (W_hn h + b_hn)));
 // with reset_before it scales the state first
 // (n = tanh(W_in x + b_in + W_hn (r * h) + b_hn)), the original GRU.
+//
+// Each step adds the r and z rows of the recurrent product straight into
+// the input projection (both biases are folded there), then computes the n
+// rows into scratch->b with the cell update fused into that product.
 class GatedRecurrentLayer : public RecurrentLayer {
  public:
   static absl::StatusOr<std::unique_ptr<Layer>> Create(LayerContext& ctx) {
@@ -290,13 +294,11 @@ class GatedRecurrentLayer : public RecurrentLayer {
     RETURN_IF_ERROR(layer->Load(ctx));
     const int64_t h = layer->hidden_;
     layer->reset_before_ = ctx.spec.reset_before();
-    if (layer->reset_before_) {
-      const float* whh = layer->weight_hh_.data();
-      layer->packed_hh_rz_ = PackedWeights::Pack(whh, 2 * h, h);
-      layer->packed_hh_n_ = PackedWeights::Pack(whh + 2 * h * h, h, h);
-    }
-    // r and z see both biases; n's recurrent bias stays inside the reset
-    // product in the default form, so only n's input bias folds there.
+    const float* whh = layer->weight_hh_.data();
+    layer->packed_hh_rz_ = PackedWeights::Pack(whh, 2 * h, h);
+    layer->packed_hh_n_ = PackedWeights::Pack(whh + 2 * h * h, h, h);
+    // n's recurrent bias stays inside the reset product in the default
+    // form; everything else folds into the input projection.
     for (int64_t i = 0; i < 3 * h; ++i) {
       const bool fold = i < 2 * h || layer->reset_before_;
       layer->input_bias_[i] =
@@ -311,78 +313,44 @@ class GatedRecurrentLayer : public RecurrentLayer {
 
   void Step(int64_t live, float* xproj, const float* prev, float* next,
             LayerScratch* scratch) const override {
-    if (reset_before_) {
-      StepResetBefore(live, xproj, prev, next, scratch);
-    } else {
-      StepResetAfter(live, xproj, prev, next, scratch);
-    }
-  }
-
-  void StepResetAfter(int64_t live, const float* xproj, const float* prev,
-                      float* next, LayerScratch* scratch) const {
     const int64_t h = hidden_;
-    Buffer<float>& hproj = scratch->b;
-    hproj.Resize(live * 3 * h);
-    const float* bhn = bias_hh_.data() + 2 * h;
+    Buffer<float>& hn = scratch->b;  // [live, h]: the n rows of the product
+    hn.Resize(live * h);
+    const float* bhn = reset_before_ ? nullptr : bias_hh_.data() + 2 * h;
     auto update = [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
       for (int64_t r = r0; r < r1; ++r) {
         const float* x = xproj + r * 3 * h + u0;
-        const float* s = hproj.data() + r * 3 * h + u0;
-        cpu::GruCell(x, x + h, x + 2 * h, s, s + h, s + 2 * h, bhn + u0,
+        cpu::GruCell(x, x + h, x + 2 * h, hn.data() + r * h + u0,
+                     bhn ? bhn + u0 : nullptr,
                      prev == nullptr ? nullptr : prev + r * h + u0,
                      next + r * h + u0, u1 - u0);
       }
     };
-    if (prev != nullptr) {
-      cpu::GatedGemm(live, prev, h, packed_hh_, 3, hproj.data(), 3 * h, false,
-                     update);
-    } else {
-      hproj.Zero();
+    if (prev == nullptr) {
+      hn.Zero();
       update(0, live, 0, h);
+      return;
     }
-  }
 
-  void StepResetBefore(int64_t live, const float* xproj, const float* prev,
-                       float* next, LayerScratch* scratch) const {
-    const int64_t h = hidden_;
-    Buffer<float>& rz = scratch->b;  // [live, 2h]: r, z gates
-    Buffer<float>& rh = scratch->d;  // [live, h] r * h, then [live, h] W_hn rh
-    rz.Resize(live * 2 * h);
-    rh.Resize(live * 2 * h);
-    float* hn = rh.data() + live * h;
-    if (prev != nullptr) {
-      Gemm(live, prev, h, packed_hh_rz_, rz.data(), 2 * h, false);
-    } else {
-      rz.Zero();
-    }
-    for (int64_t r = 0; r < live; ++r) {
-      for (int64_t j = 0; j < 2 * h; ++j) {
-        float& gate = rz[r * 2 * h + j];
-        gate = FastSigmoid(xproj[r * 3 * h + j] + gate);
+    // r and z: xproj[:, 0:2h] += h W_hh[0:2h]^T.
+    Gemm(live, prev, h, packed_hh_rz_, xproj, 3 * h, true);
+    const float* n_input = prev;
+    if (reset_before_) {
+      // The n rows multiply r * h, so r is needed before their product.
+      Buffer<float>& reset = scratch->d;
+      reset.Resize(live * h);
+      for (int64_t r = 0; r < live; ++r) {
+        cpu::Sigmoid(xproj + r * 3 * h, reset.data() + r * h, h);
+        for (int64_t j = 0; j < h; ++j) reset[r * h + j] *= prev[r * h + j];
       }
-      for (int64_t j = 0; j < h; ++j) {
-        rh[r * h + j] =
-            prev == nullptr ? 0.0f : rz[r * 2 * h + j] * prev[r * h + j];
-      }
+      n_input = reset.data();
     }
-    if (prev != nullptr) {
-      Gemm(live, rh.data(), h, packed_hh_n_, hn, h, false);
-    } else {
-      std::fill(hn, hn + live * h, 0.0f);
-    }
-    for (int64_t r = 0; r < live; ++r) {
-      for (int64_t j = 0; j < h; ++j) {
-        const float zg = rz[r * 2 * h + h + j];
-        const float n = FastTanh(xproj[r * 3 * h + 2 * h + j] + hn[r * h + j]);
-        const float hprev = prev == nullptr ? 0.0f : prev[r * h + j];
-        next[r * h + j] = n + zg * (hprev - n);
-      }
-    }
+    cpu::GatedGemm(live, n_input, h, packed_hh_n_, 1, hn.data(), h, false,
+                   update);
   }
 
   bool reset_before_ = false;
-  // The reset-before form multiplies the r, z rows and the n rows of
-  // weight_hh separately.
+  // The r, z rows and the n rows of weight_hh, packed apart.
   PackedWeights packed_hh_rz_, packed_hh_n_;
 };
 
