@@ -136,11 +136,17 @@ absl::Status CheckInput(const std::string& name, const PortType& type,
         "input '%s' has %d floats; %d vectors of width %d need %d", name,
         batch.vectors.size(), total, type.width, total * type.width));
   }
-  // x - x is 0 for every finite x and NaN otherwise: one vectorized pass
-  // tells whether there is anything to report.
-  float probe = 0.0f;
-  for (float v : batch.vectors) probe += v - v;
-  if (probe == 0.0f) return absl::OkStatus();
+  // A float is NaN or infinite when its exponent bits are all ones; an
+  // integer OR over the batch vectorizes, and tells whether there is
+  // anything to report.
+  uint32_t non_finite = 0;
+  const float* values = batch.vectors.data();
+  for (size_t i = 0; i < batch.vectors.size(); ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, values + i, sizeof(bits));
+    non_finite |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  if (non_finite == 0) return absl::OkStatus();
   int64_t k = 0;
   for (size_t i = 0; i < batch.lengths.size(); ++i) {
     for (int64_t t = 0; t < batch.lengths[i]; ++t) {
