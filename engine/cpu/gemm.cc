@@ -194,6 +194,34 @@ void GatedGemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
   }
 }
 
+void GatedGemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
+               absl::Span<const GateOutput> outputs, TileEpilogue epilogue) {
+  if (m == 0) return;
+  const int64_t gates = static_cast<int64_t>(outputs.size());
+  const int64_t units = w.n() / gates;
+  const int64_t groups = units / kPanelWidth;
+  const int64_t blocks = (m + kBlockRows - 1) / kBlockRows;
+  const int64_t tiles = blocks * groups;
+  const bool parallel = m * w.n() * w.k() >= kParallelWork;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t row0 = (t / groups) * kBlockRows;
+    const int64_t row1 = std::min(m, row0 + kBlockRows);
+    const int64_t u = t % groups;
+    for (int64_t q = 0; q < gates; ++q) {
+      const GateOutput& out = outputs[q];
+      const float* panel = w.panel(q * groups + u);
+      for (int64_t r = row0; r < row1; r += kRows) {
+        const int64_t rows = std::min(kRows, row1 - r);
+        kKernels[rows](w.k(), a + r * lda, lda, panel,
+                       out.c + r * out.ldc + u * kPanelWidth, out.ldc,
+                       kPanelWidth, out.accumulate, nullptr);
+      }
+    }
+    epilogue(row0, row1, u * kPanelWidth, (u + 1) * kPanelWidth);
+  }
+}
+
 void ReferenceGemm(int64_t m, const float* a, int64_t lda, const float* w,
                    int64_t n, int64_t k, float* c, int64_t ldc,
                    bool accumulate) {

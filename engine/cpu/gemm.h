@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "absl/functional/function_ref.h"
+#include "absl/types/span.h"
 #include "engine/buffer.h"
 
 namespace rnnserve::engine::cpu {
@@ -63,6 +64,20 @@ using TileEpilogue = absl::FunctionRef<void(int64_t row0, int64_t row1,
 void GatedGemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
                int64_t gates, float* c, int64_t ldc, bool accumulate,
                TileEpilogue epilogue);
+
+// Where one gate's columns of a per-gate GatedGemm go: `c` is that gate's
+// first column in row 0, `ldc` its row stride.
+struct GateOutput {
+  float* c;
+  int64_t ldc;
+  bool accumulate;
+};
+
+// GatedGemm with a destination per gate (outputs.size() gates), so that some
+// gates can add into one buffer and others land in another. REQUIRES: the
+// units per gate, w.n() / outputs.size(), are a multiple of kPanelWidth.
+void GatedGemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
+               absl::Span<const GateOutput> outputs, TileEpilogue epilogue);
 
 // The same product through oneDNN's sgemm, for benchmarks and tests to
 // compare with. Not batch-invariant.

@@ -332,6 +332,16 @@ class GatedRecurrentLayer : public RecurrentLayer {
       return;
     }
 
+    if (!reset_before_ && h % cpu::kPanelWidth == 0) {
+      // One pass: each tile adds its units' r and z products into xproj,
+      // computes their n product, and updates them.
+      const cpu::GateOutput outputs[] = {{xproj, 3 * h, true},
+                                         {xproj + h, 3 * h, true},
+                                         {hn.data(), h, false}};
+      cpu::GatedGemm(live, prev, h, packed_hh_, outputs, update);
+      return;
+    }
+
     // r and z: xproj[:, 0:2h] += h W_hh[0:2h]^T.
     Gemm(live, prev, h, packed_hh_rz_, xproj, 3 * h, true);
     const float* n_input = prev;

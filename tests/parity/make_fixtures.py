@@ -98,6 +98,14 @@ def _cases():
             [nn.GRU(IN, HIDDEN, batch_first=True), rx.SequenceLast()]), "vectors"),
         ("lstm_last", lambda: _vectors_net(
             [nn.LSTM(IN, HIDDEN, batch_first=True), rx.SequenceLast()]), "vectors"),
+        # Sizes that fill whole 32-unit panels take the engine's fused
+        # product-and-cell path; the small ones above take the general one.
+        ("rnn_h64", lambda: _vectors_net(
+            [nn.RNN(IN, 64, batch_first=True)]), "vectors"),
+        ("gru_h64", lambda: _vectors_net(
+            [nn.GRU(IN, 64, batch_first=True)]), "vectors"),
+        ("lstm_h64", lambda: _vectors_net(
+            [nn.LSTM(IN, 64, batch_first=True)]), "vectors"),
         ("tagger", lambda: rx.SequenceNet(
             [nn.Embedding(VOCAB, 6), nn.LSTM(6, 8, batch_first=True),
              nn.Linear(8, 4), nn.Softmax(dim=-1)]), "tokens"),
