@@ -222,6 +222,42 @@ void GatedGemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
   }
 }
 
+void StepGemm(int64_t m, const float* x, int64_t ldx, const PackedWeights& wx,
+              const float* bias, const float* h, int64_t ldh,
+              const PackedWeights& wh, absl::Span<const StepGate> gates,
+              TileEpilogue epilogue) {
+  if (m == 0) return;
+  const int64_t count = static_cast<int64_t>(gates.size());
+  const int64_t units = wx.n() / count;
+  const int64_t groups = units / kPanelWidth;
+  const int64_t blocks = (m + kBlockRows - 1) / kBlockRows;
+  const int64_t tiles = blocks * groups;
+  const int64_t work = m * wx.n() * (wx.k() + (h ? wh.k() : 0));
+#pragma omp parallel for schedule(static) if (work >= kParallelWork)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t row0 = (t / groups) * kBlockRows;
+    const int64_t row1 = std::min(m, row0 + kBlockRows);
+    const int64_t u = t % groups;
+    const int64_t col = u * kPanelWidth;
+    for (int64_t q = 0; q < count; ++q) {
+      const StepGate& gate = gates[q];
+      const int64_t p = q * groups + u;
+      for (int64_t r = row0; r < row1; r += kRows) {
+        const int64_t rows = std::min(kRows, row1 - r);
+        kKernels[rows](wx.k(), x + r * ldx, ldx, wx.panel(p),
+                       gate.x_out + r * gate.x_ld + col, gate.x_ld, kPanelWidth,
+                       false, bias + p * kPanelWidth);
+        if (h != nullptr) {
+          kKernels[rows](wh.k(), h + r * ldh, ldh, wh.panel(p),
+                         gate.h_out + r * gate.h_ld + col, gate.h_ld,
+                         kPanelWidth, gate.h_accumulate, nullptr);
+        }
+      }
+    }
+    epilogue(row0, row1, col, col + kPanelWidth);
+  }
+}
+
 void ReferenceGemm(int64_t m, const float* a, int64_t lda, const float* w,
                    int64_t n, int64_t k, float* c, int64_t ldc,
                    bool accumulate) {

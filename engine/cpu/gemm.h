@@ -79,6 +79,29 @@ struct GateOutput {
 void GatedGemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
                absl::Span<const GateOutput> outputs, TileEpilogue epilogue);
 
+// One gate of a StepGemm: x W_x^T + bias goes to x_out, then h W_h^T is
+// added to h_out (or written there, without h_accumulate). Pointers are the
+// gate's first column in row 0.
+struct StepGate {
+  float* x_out;
+  int64_t x_ld;
+  float* h_out;
+  int64_t h_ld;
+  bool h_accumulate;
+};
+
+// One recurrent step with its input projection: for each tile of rows and
+// units, every gate's x product (plus its bias) and then h product, then
+// `epilogue`. `h` may be null (zero states: no h product). The x and h
+// products of each element are the same fused multiply-add chains, summed
+// in the same order, as a Gemm over all x rows followed by a GatedGemm, so
+// the two ways give identical results. REQUIRES: units per gate a multiple
+// of kPanelWidth; wx and wh have the same n.
+void StepGemm(int64_t m, const float* x, int64_t ldx, const PackedWeights& wx,
+              const float* bias, const float* h, int64_t ldh,
+              const PackedWeights& wh, absl::Span<const StepGate> gates,
+              TileEpilogue epilogue);
+
 // The same product through oneDNN's sgemm, for benchmarks and tests to
 // compare with. Not batch-invariant.
 void ReferenceGemm(int64_t m, const float* a, int64_t lda, const float* w,

@@ -125,5 +125,43 @@ TEST(GatedGemm, EpilogueSeesEveryFinishedUnitOnceAndResultsEqualGemm) {
   }
 }
 
+// StepGemm fuses the input projection into a recurrent step; it must give
+// the bits of the two-stage form (Gemm with bias over the inputs, then
+// GatedGemm adding the recurrent product) that the engine also uses.
+TEST(StepGemm, EqualsProjectionThenRecurrentProductBitForBit) {
+  std::mt19937 rng(8);
+  const int64_t gates = 4, units = 64, n = gates * units, in = 40, h = 64;
+  for (int64_t m : {1L, 9L, 100L}) {
+    const std::vector<float> x = Random(m * in, &rng);
+    const std::vector<float> state = Random(m * h, &rng);
+    const std::vector<float> wx = Random(n * in, &rng);
+    const std::vector<float> wh = Random(n * h, &rng);
+    const std::vector<float> bias = Random(n, &rng);
+    const PackedWeights px = PackedWeights::Pack(wx.data(), n, in);
+    const PackedWeights ph = PackedWeights::Pack(wh.data(), n, h);
+
+    std::vector<float> want(m * n);
+    Gemm(m, x.data(), in, px, want.data(), n, false, bias.data());
+    GatedGemm(m, state.data(), h, ph, gates, want.data(), n, true,
+              [](int64_t, int64_t, int64_t, int64_t) {});
+
+    std::vector<float> got(m * n, -1.0f);
+    std::vector<StepGate> outputs;
+    for (int64_t q = 0; q < gates; ++q) {
+      outputs.push_back(
+          {got.data() + q * units, n, got.data() + q * units, n, true});
+    }
+    std::vector<int> seen(m * units, 0);
+    StepGemm(m, x.data(), in, px, bias.data(), state.data(), h, ph, outputs,
+             [&](int64_t r0, int64_t r1, int64_t u0, int64_t u1) {
+               for (int64_t r = r0; r < r1; ++r) {
+                 for (int64_t u = u0; u < u1; ++u) ++seen[r * units + u];
+               }
+             });
+    EXPECT_EQ(got, want) << "m " << m;
+    for (int s : seen) ASSERT_EQ(s, 1) << "m " << m;
+  }
+}
+
 }  // namespace
 }  // namespace rnnserve::engine::cpu

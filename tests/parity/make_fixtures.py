@@ -106,6 +106,15 @@ def _cases():
             [nn.GRU(IN, 64, batch_first=True)]), "vectors"),
         ("lstm_h64", lambda: _vectors_net(
             [nn.LSTM(IN, 64, batch_first=True)]), "vectors"),
+        # Batches of 12 or more project their inputs step by step inside the
+        # engine; each instance alone does it up front, and the parity test
+        # checks the two give the same bits.
+        ("rnn_h64_b16", lambda: _vectors_net(
+            [nn.RNN(IN, 64, batch_first=True)]), "vectors+batch"),
+        ("gru_h64_b16", lambda: _vectors_net(
+            [nn.GRU(IN, 64, batch_first=True)]), "vectors+batch"),
+        ("lstm_h64_b16", lambda: _vectors_net(
+            [nn.LSTM(IN, 64, batch_first=True)]), "vectors+batch"),
         ("tagger", lambda: rx.SequenceNet(
             [nn.Embedding(VOCAB, 6), nn.LSTM(6, 8, batch_first=True),
              nn.Linear(8, 4), nn.Softmax(dim=-1)]), "tokens"),
@@ -117,9 +126,10 @@ def _cases():
     return cases
 
 
-def _lengths(rng):
-    """6 to 9 lengths in random order, including 1 and the maximum (twice)."""
-    batch = int(rng.randint(6, 10))
+def _lengths(rng, large=False):
+    """6 to 9 lengths (12 to 16 when large) in random order, including 1 and
+    the maximum (twice)."""
+    batch = int(rng.randint(12, 17)) if large else int(rng.randint(6, 10))
     longest = int(rng.randint(13, 21))
     lengths = [1, longest, longest] + [int(v) for v in rng.randint(1, longest + 1, batch - 3)]
     rng.shuffle(lengths)
@@ -151,7 +161,9 @@ def make_case(out_dir, name, build, kind):
     case_dir = os.path.join(out_dir, name)
     rx.write_net(net, case_dir, name)
 
-    lengths = _lengths(rng)
+    large = kind.endswith("+batch")
+    kind = kind[:-len("+batch")] if large else kind
+    lengths = _lengths(rng, large)
     input_kind, size = net.input_spec()
     seqs = _inputs(rng, kind, lengths, size, size)
     x, lengths_t = rx.pad_batch(seqs, tokens=(input_kind == "tokens"))
