@@ -172,19 +172,32 @@ class NetFoldOperator : public Layer {
     }
 
     GraphState* state = scratch->nested[0].get();
+    int64_t state_width = 0;
+    for (int64_t w : widths_) state_width += w;
+    scratch->a.Resize(batch * state_width);
     for (int64_t t = 0; t < layout.max_length(); ++t) {
       const int64_t live = layout.batch_size(t);
       CopyRows(x, layout.offset(t), live, &v[0], element_type_);
       for (int j = 0; j < k; ++j) v[1 + j].rows = live;
       RETURN_IF_ERROR(net_->Run(scratch->args, state));
+      // A cell may output one of its own state inputs unchanged (or
+      // another's), so every new state is staged before any is replaced.
+      float* staged = scratch->a.data();
       for (int j = 0; j < k; ++j) {
         const Value& next = net_->output(*state, j);
-        std::memmove(v[1 + j].data.data(), next.data.data(),
-                     live * widths_[j] * sizeof(float));
+        std::memcpy(staged, next.data.data(),
+                    live * widths_[j] * sizeof(float));
         if (list_) {
-          std::memcpy(out[j]->row(layout.offset(t)), next.data.data(),
+          std::memcpy(out[j]->row(layout.offset(t)), staged,
                       live * widths_[j] * sizeof(float));
         }
+        staged += live * widths_[j];
+      }
+      staged = scratch->a.data();
+      for (int j = 0; j < k; ++j) {
+        std::memcpy(v[1 + j].data.data(), staged,
+                    live * widths_[j] * sizeof(float));
+        staged += live * widths_[j];
       }
     }
 

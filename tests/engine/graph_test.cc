@@ -112,6 +112,39 @@ TEST(GraphWiring, FoldCellMustOutputEachState) {
                         "width 3"));
 }
 
+// A cell whose new states are its old ones swapped, plus the element: the
+// operator must read every new state before it replaces any.
+TEST(NetFoldOperator, CellMayOutputItsOwnStateInputs) {
+  const std::string net = R"pb(
+    inputs { name: "x" kind: VECTOR_SEQUENCE width: 1 }
+    layers {
+      name: "fold"
+      type: "NetFoldOperator"
+      net {
+        inputs { name: "x" }
+        inputs { name: "a" kind: VECTOR width: 1 }
+        inputs { name: "b" kind: VECTOR width: 1 }
+        layers { name: "sum" type: "TotalLayer" inputs: "b" inputs: "x" }
+        outputs { name: "a" source: "sum" }
+        outputs { name: "b" source: "a" }
+      }
+    }
+    outputs { name: "a" source: "fold.a" }
+    outputs { name: "b" source: "fold.b" }
+  )pb";
+  auto model = LoadWith("fold_swap", net, {});
+  ASSERT_TRUE(model.ok()) << model.status();
+  // a' = b + x, b' = a: over x = 1, 2, 3 from zeros, (a, b) goes
+  // (1, 0), (2, 1), (4, 2).
+  NetInputs in;
+  in.inputs.push_back({{3}, {}, {1, 2, 3}});
+  Execution exec = (*model)->net().NewExecution();
+  NetOutputs out;
+  ASSERT_TRUE((*model)->net().Run(in, &exec, &out).ok());
+  EXPECT_THAT(out.outputs[0].values, ::testing::ElementsAre(4));
+  EXPECT_THAT(out.outputs[1].values, ::testing::ElementsAre(2));
+}
+
 TEST(SequenceRestLayer, RefusesOneElementSequencesNamingTheInstance) {
   std::mt19937 rng(1);
   const std::string net = R"pb(
