@@ -20,6 +20,8 @@ constexpr int64_t kRows = 8;
 // Rows per cache block: this many rows of A stay in L2 while every panel
 // streams past them.
 constexpr int64_t kBlockRows = 96;
+// The most gates a recurrent cell has (the LSTM's four).
+constexpr int64_t kMaxGates = 4;
 // Below this many multiply-adds a product runs on the calling thread.
 constexpr int64_t kParallelWork = 1 << 18;
 
@@ -167,9 +169,9 @@ void GatedGemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
   if (m == 0) return;
   const int64_t units = w.n() / gates;
   const bool parallel = m * w.n() * w.k() >= kParallelWork;
-  if (units % kPanelWidth != 0 || w.k() == 0) {
-    // Gate blocks do not start on panel boundaries: multiply first, then
-    // run the epilogue over blocks of rows.
+  if (units % kPanelWidth != 0 || w.k() == 0 || gates > kMaxGates) {
+    // Gate blocks do not start on panel boundaries (or are more than a tile
+    // handles): multiply first, then run the epilogue over blocks of rows.
     Gemm(m, a, lda, w, c, ldc, accumulate);
     const int64_t blocks = (m + kRows - 1) / kRows;
 #pragma omp parallel for schedule(static) if (parallel)
@@ -178,48 +180,12 @@ void GatedGemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
     }
     return;
   }
-  // Gate q of unit group u is panel q * groups + u.
-  const int64_t groups = units / kPanelWidth;
-  const int64_t blocks = (m + kBlockRows - 1) / kBlockRows;
-  const int64_t tiles = blocks * groups;
-#pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t row0 = (t / groups) * kBlockRows;
-    const int64_t row1 = std::min(m, row0 + kBlockRows);
-    const int64_t u = t % groups;
-    for (int64_t q = 0; q < gates; ++q) {
-      Tile(row0, row1, q * groups + u, a, lda, w, c, ldc, accumulate, nullptr);
-    }
-    epilogue(row0, row1, u * kPanelWidth, (u + 1) * kPanelWidth);
+  StepGate outputs[kMaxGates];
+  for (int64_t q = 0; q < gates; ++q) {
+    outputs[q] = {nullptr, 0, c + q * units, ldc, accumulate};
   }
-}
-
-void GatedGemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
-               absl::Span<const GateOutput> outputs, TileEpilogue epilogue) {
-  if (m == 0) return;
-  const int64_t gates = static_cast<int64_t>(outputs.size());
-  const int64_t units = w.n() / gates;
-  const int64_t groups = units / kPanelWidth;
-  const int64_t blocks = (m + kBlockRows - 1) / kBlockRows;
-  const int64_t tiles = blocks * groups;
-  const bool parallel = m * w.n() * w.k() >= kParallelWork;
-#pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t row0 = (t / groups) * kBlockRows;
-    const int64_t row1 = std::min(m, row0 + kBlockRows);
-    const int64_t u = t % groups;
-    for (int64_t q = 0; q < gates; ++q) {
-      const GateOutput& out = outputs[q];
-      const float* panel = w.panel(q * groups + u);
-      for (int64_t r = row0; r < row1; r += kRows) {
-        const int64_t rows = std::min(kRows, row1 - r);
-        kKernels[rows](w.k(), a + r * lda, lda, panel,
-                       out.c + r * out.ldc + u * kPanelWidth, out.ldc,
-                       kPanelWidth, out.accumulate, nullptr);
-      }
-    }
-    epilogue(row0, row1, u * kPanelWidth, (u + 1) * kPanelWidth);
-  }
+  StepGemm(m, nullptr, 0, w, nullptr, a, lda, w,
+           absl::MakeConstSpan(outputs, gates), epilogue);
 }
 
 void StepGemm(int64_t m, const float* x, int64_t ldx, const PackedWeights& wx,
@@ -228,11 +194,12 @@ void StepGemm(int64_t m, const float* x, int64_t ldx, const PackedWeights& wx,
               TileEpilogue epilogue) {
   if (m == 0) return;
   const int64_t count = static_cast<int64_t>(gates.size());
-  const int64_t units = wx.n() / count;
+  const int64_t units = wh.n() / count;
+  // Gate q of unit group u is panel q * groups + u, in both matrices.
   const int64_t groups = units / kPanelWidth;
   const int64_t blocks = (m + kBlockRows - 1) / kBlockRows;
   const int64_t tiles = blocks * groups;
-  const int64_t work = m * wx.n() * (wx.k() + (h ? wh.k() : 0));
+  const int64_t work = m * wh.n() * ((x ? wx.k() : 0) + (h ? wh.k() : 0));
 #pragma omp parallel for schedule(static) if (work >= kParallelWork)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t row0 = (t / groups) * kBlockRows;
@@ -244,9 +211,11 @@ void StepGemm(int64_t m, const float* x, int64_t ldx, const PackedWeights& wx,
       const int64_t p = q * groups + u;
       for (int64_t r = row0; r < row1; r += kRows) {
         const int64_t rows = std::min(kRows, row1 - r);
-        kKernels[rows](wx.k(), x + r * ldx, ldx, wx.panel(p),
-                       gate.x_out + r * gate.x_ld + col, gate.x_ld, kPanelWidth,
-                       false, bias + p * kPanelWidth);
+        if (x != nullptr) {
+          kKernels[rows](wx.k(), x + r * ldx, ldx, wx.panel(p),
+                         gate.x_out + r * gate.x_ld + col, gate.x_ld,
+                         kPanelWidth, false, bias + p * kPanelWidth);
+        }
         if (h != nullptr) {
           kKernels[rows](wh.k(), h + r * ldh, ldh, wh.panel(p),
                          gate.h_out + r * gate.h_ld + col, gate.h_ld,

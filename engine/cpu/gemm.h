@@ -65,20 +65,6 @@ void GatedGemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
                int64_t gates, float* c, int64_t ldc, bool accumulate,
                TileEpilogue epilogue);
 
-// Where one gate's columns of a per-gate GatedGemm go: `c` is that gate's
-// first column in row 0, `ldc` its row stride.
-struct GateOutput {
-  float* c;
-  int64_t ldc;
-  bool accumulate;
-};
-
-// GatedGemm with a destination per gate (outputs.size() gates), so that some
-// gates can add into one buffer and others land in another. REQUIRES: the
-// units per gate, w.n() / outputs.size(), are a multiple of kPanelWidth.
-void GatedGemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
-               absl::Span<const GateOutput> outputs, TileEpilogue epilogue);
-
 // One gate of a StepGemm: x W_x^T + bias goes to x_out, then h W_h^T is
 // added to h_out (or written there, without h_accumulate). Pointers are the
 // gate's first column in row 0.
@@ -92,11 +78,12 @@ struct StepGate {
 
 // One recurrent step with its input projection: for each tile of rows and
 // units, every gate's x product (plus its bias) and then h product, then
-// `epilogue`. `h` may be null (zero states: no h product). The x and h
+// `epilogue`. `x` may be null (the projection is already in h_out) and `h`
+// may be null (zero states: no h product). The x and h
 // products of each element are the same fused multiply-add chains, summed
 // in the same order, as a Gemm over all x rows followed by a GatedGemm, so
 // the two ways give identical results. REQUIRES: units per gate a multiple
-// of kPanelWidth; wx and wh have the same n.
+// of kPanelWidth; wx and wh have the same n; at most 4 gates.
 void StepGemm(int64_t m, const float* x, int64_t ldx, const PackedWeights& wx,
               const float* bias, const float* h, int64_t ldh,
               const PackedWeights& wh, absl::Span<const StepGate> gates,

@@ -392,10 +392,11 @@ class GatedRecurrentLayer : public RecurrentLayer {
     if (!reset_before_ && h % cpu::kPanelWidth == 0) {
       // One pass: each tile adds its units' r and z products into xproj,
       // computes their n product, and updates them.
-      const cpu::GateOutput outputs[] = {{xproj, 3 * h, true},
-                                         {xproj + h, 3 * h, true},
-                                         {hn.data(), h, false}};
-      cpu::GatedGemm(live, prev, h, packed_hh_, outputs, update);
+      const cpu::StepGate gates[] = {{nullptr, 0, xproj, 3 * h, true},
+                                     {nullptr, 0, xproj + h, 3 * h, true},
+                                     {nullptr, 0, hn.data(), h, false}};
+      cpu::StepGemm(live, nullptr, 0, packed_ih_, nullptr, prev, h, packed_hh_,
+                    gates, update);
       return;
     }
 
