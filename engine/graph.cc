@@ -219,12 +219,6 @@ int64_t Graph::parameter_count() const {
   return total;
 }
 
-std::vector<std::string> Graph::layer_types() const {
-  std::vector<std::string> types;
-  for (const Node& node : nodes_) types.push_back(node.layer->type());
-  return types;
-}
-
 std::unique_ptr<GraphState> Graph::NewState() const {
   auto state = std::make_unique<GraphState>();
   state->values_.resize(nodes_.size());

@@ -54,8 +54,6 @@ class Graph {
   const std::string& output_name(int i) const { return output_names_[i]; }
   const PortType& output_type(int i) const;
   int64_t parameter_count() const;
-  // Layer types in order, for descriptions.
-  std::vector<std::string> layer_types() const;
 
   std::unique_ptr<GraphState> NewState() const;
 

@@ -77,10 +77,6 @@ absl::StatusOr<std::unique_ptr<Net>> Net::Create(
 
 int64_t Net::parameter_count() const { return graph_->parameter_count(); }
 
-std::vector<std::string> Net::layer_types() const {
-  return graph_->layer_types();
-}
-
 Execution Net::NewExecution() const {
   Execution exec;
   exec.layouts_.resize(input_types_.size());

@@ -76,7 +76,6 @@ class Net {
   // The description, with the default output filled in when it had none.
   const v1::NetSpec& spec() const { return spec_; }
   int64_t parameter_count() const;
-  std::vector<std::string> layer_types() const;
   // The type each net input accepts and each output produces.
   const std::vector<PortType>& input_types() const { return input_types_; }
   const std::vector<PortType>& output_types() const { return output_types_; }

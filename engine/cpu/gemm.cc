@@ -5,8 +5,6 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "oneapi/dnnl/dnnl.h"
-
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -224,16 +222,6 @@ void StepGemm(int64_t m, const float* x, int64_t ldx, const PackedWeights& wx,
       }
     }
     epilogue(row0, row1, col, col + kPanelWidth);
-  }
-}
-
-void ReferenceGemm(int64_t m, const float* a, int64_t lda, const float* w,
-                   int64_t n, int64_t k, float* c, int64_t ldc,
-                   bool accumulate) {
-  if (m == 0 || n == 0) return;
-  if (dnnl_sgemm('N', 'T', m, n, k, 1.0f, a, lda, w, k,
-                 accumulate ? 1.0f : 0.0f, c, ldc) != dnnl_success) {
-    std::abort();  // only bad arguments fail, which callers rule out
   }
 }
 

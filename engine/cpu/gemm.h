@@ -89,10 +89,4 @@ void StepGemm(int64_t m, const float* x, int64_t ldx, const PackedWeights& wx,
               const PackedWeights& wh, absl::Span<const StepGate> gates,
               TileEpilogue epilogue);
 
-// The same product through oneDNN's sgemm, for benchmarks and tests to
-// compare with. Not batch-invariant.
-void ReferenceGemm(int64_t m, const float* a, int64_t lda, const float* w,
-                   int64_t n, int64_t k, float* c, int64_t ldc,
-                   bool accumulate);
-
 }  // namespace rnnserve::engine::cpu
