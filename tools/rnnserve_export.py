@@ -110,6 +110,12 @@ __all__ = [
     "Map",
     "Bidirectional",
     "SequenceNet",
+    "Catenate",
+    "Total",
+    "Times",
+    "Subtract",
+    "Reshape",
+    "GraphNet",
     "export",
     "write_net",
     "load",
@@ -450,6 +456,20 @@ def _first_width(modules):
     return None
 
 
+def _apply_module(module, x, lengths):
+    """Runs one supported module on a padded batch-first batch; returns
+    (output, lengths of the output's sequences)."""
+    if isinstance(module, SequenceLast):
+        return module(x, lengths), lengths
+    if isinstance(module, (SequenceMost, SequenceRest)):
+        return module(x, lengths)
+    if isinstance(module, (SequenceReverse, Bidirectional)):
+        return module(x, lengths), lengths
+    if isinstance(module, _RECURRENT):
+        return _run_recurrent(module, x, lengths), lengths
+    return module(x), lengths
+
+
 class SequenceNet(nn.Module):
     """A chain of sequence layers run the way rnnserve runs them.
 
@@ -527,16 +547,7 @@ class SequenceNet(nn.Module):
             raise ValueError("lengths must lie in 1..%d, got %s"
                              % (steps, lengths.tolist()))
         for module in self.layers:
-            if isinstance(module, SequenceLast):
-                x = module(x, lengths)
-            elif isinstance(module, (SequenceMost, SequenceRest)):
-                x, lengths = module(x, lengths)
-            elif isinstance(module, (SequenceReverse, Bidirectional)):
-                x = module(x, lengths)
-            elif isinstance(module, _RECURRENT):
-                x = _run_recurrent(module, x, lengths)
-            else:
-                x = module(x)
+            x, lengths = _apply_module(module, x, lengths)
         return x, lengths
 
     @staticmethod
@@ -557,6 +568,366 @@ class SequenceNet(nn.Module):
         if self.ends_with_sequence:
             return [out[i, :int(n)] for i, n in enumerate(lengths)]
         return [out[i] for i in range(len(sequences))]
+
+
+# --------------------------------------------------------------------------
+# Graphs: glue modules and GraphNet
+# --------------------------------------------------------------------------
+
+
+def _check_same_shapes(module, xs):
+    if not xs:
+        raise ValueError("%s needs at least one input" % type(module).__name__)
+    for x in xs[1:]:
+        if x.shape != xs[0].shape:
+            raise ValueError("%s needs inputs of one shape, got %s"
+                             % (type(module).__name__,
+                                ", ".join(str(tuple(t.shape)) for t in xs)))
+
+
+class Catenate(nn.Module):
+    """Joins the rows of its inputs end to end (the rnnserve CatenateLayer):
+    ``forward(*xs)`` on padded [B, T, D_i] (or [B, D_i]) tensors returns
+    [B, T, sum(D_i)]."""
+
+    def forward(self, *xs):
+        if not xs:
+            raise ValueError("Catenate needs at least one input")
+        return torch.cat(xs, dim=-1)
+
+
+class Total(nn.Module):
+    """Element-wise sum of inputs of one width (the rnnserve TotalLayer)."""
+
+    def forward(self, *xs):
+        _check_same_shapes(self, xs)
+        out = xs[0]
+        for x in xs[1:]:
+            out = out + x
+        return out
+
+
+class Times(nn.Module):
+    """Element-wise product of inputs of one width (the rnnserve TimesLayer)."""
+
+    def forward(self, *xs):
+        _check_same_shapes(self, xs)
+        out = xs[0]
+        for x in xs[1:]:
+            out = out * x
+        return out
+
+
+class Subtract(nn.Module):
+    """The first of two inputs of one width minus the second (the rnnserve
+    SubtractLayer)."""
+
+    def forward(self, *xs):
+        if len(xs) != 2:
+            raise ValueError("Subtract needs two inputs, got %d" % len(xs))
+        _check_same_shapes(self, xs)
+        return xs[0] - xs[1]
+
+
+class Reshape(nn.Module):
+    """The rnnserve ReshapeLayer: rows read as ``dims``. Rows stay flat here,
+    so ``forward(x)`` returns ``x`` after checking that a row holds
+    ``prod(dims)`` elements."""
+
+    def __init__(self, *dims):
+        super().__init__()
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = tuple(dims[0])
+        if not dims or any(int(d) < 1 for d in dims):
+            raise ValueError("Reshape needs positive dimensions, got %s" % (dims,))
+        self.dims = tuple(int(d) for d in dims)
+
+    @property
+    def size(self):
+        return int(np.prod(self.dims))
+
+    def forward(self, x):
+        if x.shape[-1] != self.size:
+            raise ValueError("Reshape to %s needs rows of %d elements, got %d"
+                             % (self.dims, self.size, x.shape[-1]))
+        return x
+
+    def extra_repr(self):
+        return ", ".join(str(d) for d in self.dims)
+
+
+_GLUE = {Catenate: "CatenateLayer", Total: "TotalLayer", Times: "TimesLayer",
+         Subtract: "SubtractLayer"}
+_GLUE_MODULES = {ltype: cls for cls, ltype in _GLUE.items()}
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_INPUT_KINDS = {"vectors": "VECTOR_SEQUENCE", "tokens": "TOKEN_SEQUENCE",
+                "vector": "VECTOR"}
+
+
+class _Value:
+    """What flows out of a graph input or node: its width, and the lengths
+    it shares (a tuple naming the input and any SequenceMost/Rest applied),
+    or None for one vector per instance."""
+
+    def __init__(self, width, origin, tokens=False):
+        self.width = width
+        self.origin = origin
+        self.tokens = tokens
+
+
+class GraphNet(nn.Module):
+    """A graph of modules, run the way rnnserve runs it.
+
+    ``inputs`` lists the net inputs as ``(name, kind, size)``: kind
+    ``"vectors"`` (a sequence of ``size``-wide vectors), ``"tokens"`` (a
+    sequence of ids below ``size``, read only by nn.Embedding nodes) or
+    ``"vector"`` (one ``size``-wide vector per instance).
+
+    ``nodes`` lists ``(name, module, [source, ...])`` in an order where every
+    source comes before its reader. A source is an input name, a node name,
+    or ``"node.state"`` (the final state of a unidirectional nn.RNN/GRU/LSTM
+    node, a vector). A glue module (:class:`Catenate`, :class:`Total`,
+    :class:`Times`, :class:`Subtract`) reads several sources, which must all
+    be vectors or all sequences of the same lengths (read from one input
+    through the same SequenceMost/SequenceRest steps). Any other node reads
+    one source with one module that :class:`SequenceNet` supports, or a
+    :class:`Reshape`.
+
+    ``outputs`` lists ``(output name, source)``.
+
+    ``forward(inputs, lengths)`` takes a dict of input name -> padded
+    batch-first tensor (or the tensors in input order, positionally) and the
+    lengths: a dict of input name -> lengths, or one lengths tensor shared by
+    every sequence input. It returns a dict of output name -> padded tensor
+    ([B, T, D] for sequences, [B, D] for vectors).
+    :meth:`forward_with_lengths` returns output name -> (tensor, lengths or
+    None); :meth:`run` takes lists of sequences.
+    """
+
+    def __init__(self, inputs, nodes, outputs):
+        super().__init__()
+        self.input_specs = []
+        values = {}
+        for spec in inputs:
+            name, kind, size = spec
+            if not _NAME.match(str(name)):
+                raise ValueError("bad input name %r" % (name,))
+            if kind not in _INPUT_KINDS:
+                raise ValueError("input %r: kind must be one of %s, got %r"
+                                 % (name, ", ".join(_INPUT_KINDS), kind))
+            if name in values:
+                raise ValueError("input %r appears twice" % name)
+            values[name] = _Value(int(size), None if kind == "vector" else (name,),
+                                  kind == "tokens")
+            self.input_specs.append((name, kind, int(size)))
+        if not self.input_specs:
+            raise ValueError("a GraphNet needs at least one input")
+        self.node_specs = []
+        self.node_modules = nn.ModuleDict()
+        layer_names = set(values)
+        for spec in nodes:
+            name, module, sources = spec
+            if isinstance(sources, str):
+                sources = [sources]
+            sources = list(sources)
+            if not _NAME.match(str(name)):
+                raise ValueError("bad node name %r" % (name,))
+            if name in values or name in layer_names:
+                raise ValueError("node %r: the name is taken" % name)
+            count = _node_layer_count(module)
+            names = _node_layer_names(name, count)
+            for layer_name in names:
+                if layer_name in layer_names:
+                    raise ValueError("node %r: layer name %r is taken"
+                                     % (name, layer_name))
+            ins = [self._source(values, s, name) for s in sources]
+            values[name] = _check_node(name, module, ins)
+            layer_names.update(names)
+            self.node_specs.append((name, sources))
+            self.node_modules[name] = module
+        self.output_specs = []
+        for out_name, source in outputs:
+            if not out_name or not isinstance(out_name, str):
+                raise ValueError("bad output name %r" % (out_name,))
+            if out_name in [n for n, _, _ in self.input_specs]:
+                raise ValueError("output %r has an input's name" % out_name)
+            if out_name in [n for n, _ in self.output_specs]:
+                raise ValueError("output %r appears twice" % out_name)
+            self._source(values, source, "output %r" % out_name)
+            self.output_specs.append((out_name, source))
+        if not self.output_specs:
+            raise ValueError("a GraphNet needs at least one output")
+        self.name = None
+
+    def _source(self, values, source, reader):
+        """The _Value a source names (checked)."""
+        node, _, port = str(source).partition(".")
+        if node not in values:
+            raise ValueError("%s reads %r, which is no input or earlier node"
+                             % (_reader(reader), source))
+        value = values[node]
+        if not port or port == "output":
+            return value
+        module = self.node_modules[node] if node in self.node_modules else None
+        if (port == "state" and type(module) in _RECURRENT
+                and not module.bidirectional):
+            return _Value(module.hidden_size, None)
+        raise ValueError("%s reads %r: only the \"state\" port of a "
+                         "unidirectional nn.RNN/GRU/LSTM node is supported"
+                         % (_reader(reader), source))
+
+    def input_widths(self):
+        return {name: size for name, _, size in self.input_specs}
+
+    def forward(self, *args, lengths=None):
+        outs = self.forward_with_lengths(*args, lengths=lengths)
+        return {name: value for name, (value, _) in outs.items()}
+
+    def forward_with_lengths(self, *args, lengths=None):
+        """Like forward; returns output name -> (tensor, lengths or None)."""
+        names = [n for n, _, _ in self.input_specs]
+        if args and isinstance(args[0], dict):
+            xs = dict(args[0])
+            rest = args[1:]
+        else:
+            xs = dict(zip(names, args))
+            rest = args[len(names):]
+        if rest:
+            if lengths is not None or len(rest) > 1:
+                raise ValueError("too many arguments")
+            lengths = rest[0]
+        missing = [n for n in names if n not in xs]
+        if missing:
+            raise ValueError("missing inputs: %s" % ", ".join(missing))
+        env = {}
+        for name, kind, size in self.input_specs:
+            x = xs[name]
+            if kind == "vector":
+                env[name] = (x, None)
+                continue
+            n = lengths.get(name) if isinstance(lengths, dict) else lengths
+            if n is None:
+                raise ValueError("no lengths for input %r" % name)
+            n = _as_lengths(n)
+            if x.dim() < 2 or n.shape != (x.shape[0],):
+                raise ValueError("input %r: expected a padded batch-first batch "
+                                 "and [B] lengths, got %s and %s"
+                                 % (name, tuple(x.shape), tuple(n.shape)))
+            if x.shape[0] and (int(n.min()) < 1 or int(n.max()) > x.shape[1]):
+                raise ValueError("input %r: lengths must lie in 1..%d, got %s"
+                                 % (name, x.shape[1], n.tolist()))
+            env[name] = (x, n)
+        for name, sources in self.node_specs:
+            module = self.node_modules[name]
+            ins = [self._fetch(env, s) for s in sources]
+            if type(module) in _GLUE:
+                env[name] = (module(*[x for x, _ in ins]), ins[0][1])
+            elif isinstance(module, Reshape):
+                env[name] = (module(ins[0][0]), ins[0][1])
+            elif isinstance(module, SequenceLast):
+                env[name] = (module(ins[0][0], ins[0][1]), None)
+            else:
+                env[name] = _apply_module(module, ins[0][0], ins[0][1])
+        return {out: self._fetch(env, source) for out, source in self.output_specs}
+
+    def _fetch(self, env, source):
+        node, _, port = str(source).partition(".")
+        x, n = env[node]
+        if port == "state":
+            return SequenceLast()(x, n), None
+        return x, n
+
+    def run(self, inputs):
+        """Runs a dict of input name -> list of sequences (lists of ids or
+        [T, D] arrays; [D] vectors for a "vector" input). Returns output name
+        -> list of [T_i, D] arrays for sequences, a [B, D] array for vectors."""
+        xs, lengths = {}, {}
+        for name, kind, _ in self.input_specs:
+            if kind == "vector":
+                xs[name] = torch.as_tensor(np.asarray(inputs[name], dtype=np.float32))
+            else:
+                xs[name], lengths[name] = pad_batch(inputs[name],
+                                                    tokens=kind == "tokens")
+        with torch.no_grad():
+            outs = self.forward_with_lengths(xs, lengths=lengths)
+        result = {}
+        for name, (x, n) in outs.items():
+            x = x.cpu().numpy()
+            result[name] = x if n is None else [x[i, :int(k)] for i, k in enumerate(n)]
+        return result
+
+
+def _reader(reader):
+    return reader if reader.startswith("output") else "node %r" % reader
+
+
+def _node_layer_count(module):
+    if isinstance(module, _RECURRENT):
+        return module.num_layers
+    return 1
+
+
+def _node_layer_names(name, count):
+    """The engine layers of a node: "<node>_l0", ..., "<node>_l<L-2>" and
+    then "<node>" for the last."""
+    return ["%s_l%d" % (name, k) for k in range(count - 1)] + [name]
+
+
+def _check_node(name, module, ins):
+    """Validates one graph node; returns the _Value it produces."""
+    where = "node %r" % name
+    if type(module) in _GLUE:
+        if not ins:
+            raise ValueError("%s: %s needs at least one source"
+                             % (where, type(module).__name__))
+        if isinstance(module, Subtract) and len(ins) != 2:
+            raise ValueError("%s: Subtract needs two sources, got %d"
+                             % (where, len(ins)))
+        for value in ins:
+            if value.tokens:
+                raise ValueError("%s: token ids can only go into nn.Embedding" % where)
+        origins = set(value.origin for value in ins)
+        if len(origins) > 1:
+            raise ValueError("%s: %s needs all vectors or sequences of the same "
+                             "lengths, got %s" % (where, type(module).__name__,
+                                                  sorted(map(str, origins))))
+        widths = [value.width for value in ins]
+        if isinstance(module, Catenate):
+            return _Value(sum(widths), ins[0].origin)
+        if len(set(widths)) > 1:
+            raise ValueError("%s: %s needs sources of one width, got %s"
+                             % (where, type(module).__name__,
+                                ", ".join(map(str, widths))))
+        return _Value(widths[0], ins[0].origin)
+    if len(ins) != 1:
+        raise ValueError("%s: %s reads one source, got %d"
+                         % (where, type(module).__name__, len(ins)))
+    value = ins[0]
+    if isinstance(module, Reshape):
+        if value.tokens:
+            raise ValueError("%s: token ids can only go into nn.Embedding" % where)
+        if value.width != module.size:
+            raise ValueError("%s: Reshape to %s needs rows of %d elements, got %d"
+                             % (where, module.dims, module.size, value.width))
+        return _Value(value.width, value.origin)
+    if isinstance(module, nn.Embedding) != value.tokens:
+        raise ValueError("%s: nn.Embedding reads a tokens input, and only it "
+                         "does: %s" % (where, _describe(module)))
+    if isinstance(module, nn.Embedding) and module.num_embeddings != value.width:
+        raise ValueError("%s: nn.Embedding has %d ids, the input has %d"
+                         % (where, module.num_embeddings, value.width))
+    try:
+        width, sequence = _check_module(module, 0, value.origin is not None,
+                                        None if value.tokens else value.width)
+    except ValueError as e:
+        raise ValueError("%s: %s" % (where, e))
+    if not sequence:
+        origin = None
+    elif isinstance(module, (SequenceMost, SequenceRest)):
+        origin = value.origin + (_KIND_NAMES[type(module)],)
+    else:
+        origin = value.origin
+    return _Value(width, origin)
 
 
 def pad_batch(sequences, tokens=None):
@@ -1186,6 +1557,78 @@ def _ends_in_softmax(modules):
     return isinstance(last, nn.Softmax)
 
 
+def _node_layers(name, module, sources, width, arrays):
+    """The layer specs of one graph node, named and wired (see GraphNet);
+    adds the node's arrays."""
+    if type(module) in _GLUE:
+        return [{"name": name, "type": _GLUE[type(module)], "inputs": list(sources)}]
+    if isinstance(module, Reshape):
+        return [{"name": name, "type": "ReshapeLayer", "inputs": list(sources),
+                 "dimensions": list(module.dims)}]
+    if isinstance(module, nn.Dropout):
+        return [{"name": name, "type": "DropoutLayer", "inputs": list(sources),
+                 "probability": float(module.p)}]
+    own = {}
+    layers, _ = _chain_layers([module], "", own, width)
+    names = _node_layer_names(name, len(layers))
+    renames = {layer["name"]: new for layer, new in zip(layers, names)}
+    for key, array in own.items():
+        old, _, rest = key.partition(".")
+        arrays["%s.%s" % (renames[old], rest)] = array
+    for layer, new in zip(layers, names):
+        layer["name"] = new
+    first = layers[0]
+    wired = {"name": first["name"], "type": first["type"], "inputs": list(sources)}
+    wired.update((k, v) for k, v in first.items() if k not in wired)
+    layers[0] = wired
+    return layers
+
+
+def _graph_spec(net):
+    """(NetSpec dict, arrays) for a GraphNet."""
+    widths = {}
+    inputs = []
+    for name, kind, size in net.input_specs:
+        entry = {"name": name, "kind": _INPUT_KINDS[kind]}
+        if kind == "tokens":
+            entry["vocab_size"] = size
+            widths[name] = None
+        else:
+            entry["width"] = size
+            widths[name] = size
+        inputs.append(entry)
+    # Re-validate: the modules may have been changed since construction.
+    GraphNet(net.input_specs,
+             [(n, net.node_modules[n], s) for n, s in net.node_specs],
+             net.output_specs)
+    values = {}
+    arrays = {}
+    layers = []
+    for name, kind, size in net.input_specs:
+        values[name] = _Value(size, None if kind == "vector" else (name,),
+                              kind == "tokens")
+    for name, sources in net.node_specs:
+        module = net.node_modules[name]
+        ins = [net._source(values, s, name) for s in sources]
+        width = None if ins[0].tokens else ins[0].width
+        layers.extend(_node_layers(name, module, sources, width, arrays))
+        values[name] = _check_node(name, module, ins)
+    outputs = [{"name": out, "source": str(source)}
+               for out, source in net.output_specs]
+    return {"inputs": inputs, "layers": layers, "outputs": outputs}, arrays
+
+
+def _write_graph(net, version_dir, name, labels, alphabet):
+    if labels is not None or alphabet is not None:
+        raise ValueError("labels and alphabets are not supported for a GraphNet")
+    spec, arrays = _graph_spec(net)
+    spec["name"] = name
+    os.makedirs(version_dir, exist_ok=True)
+    with open(os.path.join(version_dir, "net.pbtxt"), "w", encoding="utf-8") as f:
+        f.write(format_net(spec))
+    write_safetensors(os.path.join(version_dir, "weights.safetensors"), arrays)
+
+
 def write_net(net, version_dir, name, labels=None, alphabet=None,
               output_name="output", ignore_case=False, unknown_token=False):
     """Writes ``net.pbtxt`` and ``weights.safetensors`` into ``version_dir``.
@@ -1195,8 +1638,12 @@ def write_net(net, version_dir, name, labels=None, alphabet=None,
     one). ``alphabet`` (a string) adds a characters encoder to a token
     input. Raises ValueError for anything the format cannot express.
     """
+    if isinstance(net, GraphNet):
+        _write_graph(net, version_dir, name, labels, alphabet)
+        return
     if not isinstance(net, SequenceNet):
-        raise ValueError("export needs a SequenceNet, got %s" % type(net).__name__)
+        raise ValueError("export needs a SequenceNet or a GraphNet, got %s"
+                         % type(net).__name__)
     # Re-validate: the modules may have been changed since construction.
     _check_chain(list(net.layers), net.input_width)
     layers, arrays = _layers_and_arrays(net)
@@ -1572,6 +2019,11 @@ def load(version_dir):
     arrays = _Arrays(read_safetensors(os.path.join(version_dir, "weights.safetensors")))
 
     inputs = spec.get("inputs", [])
+    if (len(inputs) > 1 or len(spec.get("outputs", [])) > 1
+            or any(layer.get("inputs") for layer in spec.get("layers", []))):
+        raise NotImplementedError(
+            "load reads chains only; this net has several inputs or outputs, "
+            "or wired layers (a GraphNet export)")
     if len(inputs) != 1:
         raise ValueError("expected one net input, found %d" % len(inputs))
     inp = inputs[0]

@@ -33,8 +33,9 @@ several inputs and outputs) use a general io.safetensors instead:
                         F32 [B, width]     for a vector output
 
 in that order (inputs, then outputs, each in net order), without metadata.
-Chain cases are exported with tools/rnnserve_export.py; the others' net.pbtxt
-is written out here (rnnserve_export.format_net). Their references are plain
+Chain cases are exported with tools/rnnserve_export.py (SequenceNet), the
+graph_* cases likewise (GraphNet); the others' net.pbtxt is written out here
+(rnnserve_export.format_net). Their references are plain
 PyTorch in float64, from the float32 weights written.
 
 In the single-input cases recurrent layers run through torch.nn.RNN/GRU/LSTM
@@ -1024,6 +1025,69 @@ def _case_bidirectional_last(rng):
                        [("output", torch.stack(expected))])
 
 
+# Graphs exported from rnnserve_export.GraphNet ------------------------------
+
+
+def _exported_graph_case(net, inputs, outputs):
+    """A case exported from a GraphNet; `outputs` are float64 references in
+    the net's output order, which the float32 GraphNet must agree with."""
+    return {"graph": net, "inputs": inputs, "outputs": outputs}
+
+
+def _case_graph_glue(rng):
+    # vectors -> (LSTM; Linear -> tanh) -> Catenate -> Linear.
+    lstm = nn.LSTM(IN, HIDDEN, batch_first=True)
+    side = nn.Linear(IN, 4)
+    head = nn.Linear(HIDDEN + 4, 3)
+    net = rx.GraphNet(
+        inputs=[("input", "vectors", IN)],
+        nodes=[("lstm", lstm, ["input"]),
+               ("side", side, ["input"]),
+               ("side_tanh", nn.Tanh(), ["side"]),
+               ("joined", rx.Catenate(), ["lstm", "side_tanh"]),
+               ("head", head, ["joined"])],
+        outputs=[("output", "head")])
+    seqs = _seqs(rng, _graph_lengths(rng), IN)
+    states = _module_ref(lstm, seqs)
+    expected = []
+    for x, h in zip(seqs, states):
+        s = torch.tanh(_f64(x) @ _f64(side.weight).T + _f64(side.bias))
+        expected.append(torch.cat([h, s], dim=1) @ _f64(head.weight).T
+                        + _f64(head.bias))
+    return _exported_graph_case(net, [_vector_input(seqs)], [("output", expected)])
+
+
+def _case_graph_arith(rng):
+    # Two same-width branches (a 2-layer GRU; Linear -> sigmoid) combined by
+    # Total, Times and Subtract; a sequence output and a vector output.
+    gru = nn.GRU(IN, HIDDEN, num_layers=2, batch_first=True)
+    side = nn.Linear(IN, HIDDEN)
+    head = nn.Linear(HIDDEN, 2)
+    net = rx.GraphNet(
+        inputs=[("input", "vectors", IN)],
+        nodes=[("gru", gru, ["input"]),
+               ("side", side, ["input"]),
+               ("gate", nn.Sigmoid(), ["side"]),
+               ("sum", rx.Total(), ["gru", "gate", "gru"]),
+               ("product", rx.Times(), ["sum", "gate"]),
+               ("diff", rx.Subtract(), ["product", "gru"]),
+               ("drop", nn.Dropout(0.5), ["diff"]),
+               ("shape", rx.Reshape(HIDDEN, 1), ["drop"]),
+               ("last", rx.SequenceLast(), ["shape"]),
+               ("head", head, ["last"])],
+        outputs=[("output", "diff"), ("summary", "head")])
+    seqs = _seqs(rng, _graph_lengths(rng), IN)
+    states = _module_ref(gru, seqs)
+    outs, heads = [], []
+    for x, h in zip(seqs, states):
+        g = torch.sigmoid(_f64(x) @ _f64(side.weight).T + _f64(side.bias))
+        d = (h + g + h) * g - h
+        outs.append(d)
+        heads.append(d[-1] @ _f64(head.weight).T + _f64(head.bias))
+    return _exported_graph_case(net, [_vector_input(seqs)],
+                                [("output", outs), ("summary", torch.stack(heads))])
+
+
 def _graph_cases():
     """(name, builder) for every graph case, in manifest order."""
     names = [
@@ -1037,6 +1101,7 @@ def _graph_cases():
         "lstm_states", "rnn_init_state", "gru_init_state", "gru_reset_before",
         "glue", "elementwise_identity", "elementwise_negate",
         "elementwise_one_minus", "elementwise_exp", "elementwise_square",
+        "graph_glue", "graph_arith",
     ]
     return [(name, globals()["_case_" + name]) for name in names]
 
@@ -1079,6 +1144,16 @@ def make_graph_case(out_dir, name, build):
         if worst > 1e-5:
             raise SystemExit("case %s: the float32 net is %g away from the "
                              "float64 reference" % (name, worst))
+    elif "graph" in case:
+        net = case["graph"].eval()
+        rx.write_net(net, case_dir, name)
+        got = net.run({n: v for n, _, v in case["inputs"]})
+        for output_name, reference in case["outputs"]:
+            worst = np.abs(_as_rows(got[output_name]) - _as_rows(reference)).max()
+            if worst > 1e-5:
+                raise SystemExit("case %s: output %s of the float32 net is %g away "
+                                 "from the float64 reference"
+                                 % (name, output_name, worst))
     else:
         with open(os.path.join(case_dir, "net.pbtxt"), "w", encoding="utf-8") as f:
             f.write(rx.format_net(case["spec"]))
