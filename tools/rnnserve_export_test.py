@@ -215,5 +215,180 @@ class RoundTrip(unittest.TestCase):
             rx.SequenceNet([nn.LSTM(4, 6, bidirectional=True), nn.Linear(6, 2)])
 
 
+def _pack_run(module, x, lengths):
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    out, _ = pad_packed_sequence(module(packed)[0], batch_first=True,
+                                 total_length=x.shape[1])
+    return out
+
+
+class Graphs(unittest.TestCase):
+    def setUp(self):
+        torch.manual_seed(0)
+        self.tmp = tempfile.TemporaryDirectory()
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def build(self):
+        self.lstm = nn.LSTM(5, 6, num_layers=2, batch_first=True)
+        self.side = nn.Linear(5, 6)
+        self.head = nn.Linear(12, 3)
+        self.bi = nn.GRU(6, 4, bidirectional=True, batch_first=True)
+        return rx.GraphNet(
+            inputs=[("x", "vectors", 5), ("extra", "vector", 6)],
+            nodes=[("enc", self.lstm, ["x"]),
+                   ("side", self.side, ["x"]),
+                   ("act", nn.Tanh(), ["side"]),
+                   ("cat", rx.Catenate(), ["enc", "act"]),
+                   ("head", self.head, ["cat"]),
+                   ("sum", rx.Total(), ["enc", "act", "enc"]),
+                   ("prod", rx.Times(), ["sum", "act"]),
+                   ("diff", rx.Subtract(), ["prod", "enc"]),
+                   ("drop", nn.Dropout(0.5), ["diff"]),
+                   ("shape", rx.Reshape(3, 2), ["drop"]),
+                   ("bi", self.bi, ["shape"]),
+                   ("last", rx.SequenceLast(), ["diff"]),
+                   ("vsum", rx.Total(), ["last", "extra", "enc.state"])],
+            outputs=[("y", "head"), ("z", "bi"), ("v", "vsum"), ("s", "enc.state")])
+
+    def test_forward_matches_pytorch(self):
+        net = self.build().eval()
+        x, lengths = rx.pad_batch(_vectors(5))
+        extra = torch.randn(len(LENGTHS), 6)
+        with torch.no_grad():
+            got = net({"x": x, "extra": extra}, lengths)
+            again = net(x, extra, lengths)
+            h = _pack_run(self.lstm, x, lengths)
+            a = torch.tanh(self.side(x))
+            y = self.head(torch.cat([h, a], dim=-1))
+            d = (h + a + h) * a - h
+            z = _pack_run(self.bi, d, lengths)
+            index = torch.arange(len(LENGTHS))
+            state = h[index, lengths - 1]
+            v = d[index, lengths - 1] + extra + state
+        for name, want in (("y", y), ("z", z)):
+            for i, n in enumerate(LENGTHS):
+                np.testing.assert_allclose(got[name][i, :n].numpy(), want[i, :n].numpy(),
+                                           rtol=0, atol=1e-6)
+                self.assertTrue(np.array_equal(got[name][i, :n].numpy(),
+                                               again[name][i, :n].numpy()))
+        np.testing.assert_allclose(got["v"].numpy(), v.numpy(), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got["s"].numpy(), state.numpy(), rtol=0, atol=1e-6)
+
+    def test_export_wiring(self):
+        net = self.build().eval()
+        version_dir = rx.export(net, self.tmp.name, "g")
+        with open(os.path.join(version_dir, "net.pbtxt")) as f:
+            spec = rx.parse_text_proto(f.read())
+        self.assertEqual([(i["name"][0], i["kind"][0]) for i in spec["inputs"]],
+                         [("x", "VECTOR_SEQUENCE"), ("extra", "VECTOR")])
+        layers = {layer["name"][0]: layer for layer in spec["layers"]}
+        order = [layer["name"][0] for layer in spec["layers"]]
+        self.assertEqual(order, ["enc_l0", "enc", "side", "act", "cat", "head", "sum",
+                                 "prod", "diff", "drop", "shape", "bi", "last", "vsum"])
+        self.assertEqual(layers["enc_l0"]["inputs"], ["x"])
+        self.assertNotIn("inputs", layers["enc"])
+        self.assertEqual(layers["cat"]["type"], ["CatenateLayer"])
+        self.assertEqual(layers["cat"]["inputs"], ["enc", "act"])
+        self.assertEqual(layers["sum"]["type"], ["TotalLayer"])
+        self.assertEqual(layers["prod"]["type"], ["TimesLayer"])
+        self.assertEqual(layers["diff"]["type"], ["SubtractLayer"])
+        self.assertEqual(layers["diff"]["inputs"], ["prod", "enc"])
+        self.assertEqual(layers["drop"]["type"], ["DropoutLayer"])
+        self.assertEqual(layers["drop"]["probability"], [0.5])
+        self.assertEqual(layers["shape"]["dimensions"], [3, 2])
+        self.assertEqual(layers["bi"]["type"], ["NetBidirectionalOperator"])
+        self.assertEqual(layers["bi"]["inputs"], ["shape"])
+        self.assertEqual(layers["vsum"]["inputs"], ["last", "extra", "enc.state"])
+        self.assertEqual([(o["name"][0], o["source"][0]) for o in spec["outputs"]],
+                         [("y", "head"), ("z", "bi"), ("v", "vsum"), ("s", "enc.state")])
+        arrays = rx.read_safetensors(os.path.join(version_dir, "weights.safetensors"))
+        self.assertTrue(np.array_equal(arrays["enc_l0.weight_ih"],
+                                       self.lstm.weight_ih_l0.detach().numpy()))
+        self.assertTrue(np.array_equal(arrays["enc.weight_ih"],
+                                       self.lstm.weight_ih_l1.detach().numpy()))
+        self.assertTrue(np.array_equal(arrays["bi.backward.gru.weight_hh"],
+                                       self.bi.weight_hh_l0_reverse.detach().numpy()))
+        self.assertEqual(sorted(arrays), sorted(
+            ["enc_l0.%s" % a for a in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            + ["enc.%s" % a for a in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            + ["side.weight", "side.bias", "head.weight", "head.bias"]
+            + ["bi.%s.gru.%s" % (d, a) for d in ("forward", "backward")
+               for a in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]))
+        with self.assertRaises(NotImplementedError):
+            rx.load(version_dir)
+
+    def test_tokens_and_map(self):
+        emb = nn.Embedding(9, 4)
+        net = rx.GraphNet(
+            inputs=[("ids", "tokens", 9)],
+            nodes=[("emb", emb, ["ids"]),
+                   ("map", rx.Map([nn.Linear(4, 4), nn.ReLU()]), ["emb"]),
+                   ("both", rx.Catenate(), ["emb", "map"])],
+            outputs=[("out", "both")]).eval()
+        out = net.run({"ids": _tokens(9)})["out"]
+        for seq, o in zip(_tokens(9), out):
+            with torch.no_grad():
+                e = emb(torch.as_tensor(seq))
+                want = torch.cat([e, net.node_modules["map"](e)], dim=-1)
+            np.testing.assert_allclose(o, want.numpy(), rtol=0, atol=1e-6)
+        version_dir = rx.export(net, self.tmp.name, "t")
+        with open(os.path.join(version_dir, "net.pbtxt")) as f:
+            spec = rx.parse_text_proto(f.read())
+        self.assertEqual(spec["inputs"][0]["vocab_size"], [9])
+        self.assertEqual(spec["layers"][0]["inputs"], ["ids"])
+
+    def test_glue_modules(self):
+        a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+        self.assertTrue(torch.equal(rx.Catenate()(a, b), torch.cat([a, b], -1)))
+        self.assertTrue(torch.equal(rx.Total()(a, b, a), a + b + a))
+        self.assertTrue(torch.equal(rx.Times()(a, b), a * b))
+        self.assertTrue(torch.equal(rx.Subtract()(a, b), a - b))
+        self.assertTrue(torch.equal(rx.Reshape(2, 2)(a), a))
+        with self.assertRaises(ValueError):
+            rx.Total()(a, torch.randn(2, 3, 5))
+        with self.assertRaises(ValueError):
+            rx.Subtract()(a, b, a)
+        with self.assertRaises(ValueError):
+            rx.Reshape(3, 2)(a)
+
+    def test_refusals_name_the_node(self):
+        def graph(nodes, outputs=(("out", "last_node"),)):
+            return rx.GraphNet([("x", "vectors", 5)], nodes, list(outputs))
+
+        cases = [
+            ([("a", nn.Linear(5, 3), ["x"]), ("b", nn.Linear(5, 4), ["x"]),
+              ("last_node", rx.Total(), ["a", "b"])], "last_node"),
+            ([("a", nn.Linear(5, 3), ["x"]), ("b", nn.Linear(5, 4), ["x"]),
+              ("last_node", rx.Times(), ["a", "b"])], "last_node"),
+            ([("a", nn.Linear(5, 3), ["x"]), ("b", nn.Linear(5, 4), ["x"]),
+              ("last_node", rx.Subtract(), ["a", "b"])], "last_node"),
+            ([("last_node", rx.Subtract(), ["x"])], "last_node"),
+            ([("last_node", nn.Linear(4, 3), ["x"])], "last_node"),
+            ([("last_node", rx.Reshape(2, 2), ["x"])], "last_node"),
+            ([("most", rx.SequenceMost(), ["x"]),
+              ("last_node", rx.Catenate(), ["x", "most"])], "last_node"),
+            ([("last", rx.SequenceLast(), ["x"]),
+              ("last_node", rx.Catenate(), ["x", "last"])], "last_node"),
+            ([("last_node", nn.Linear(5, 3), ["nowhere"])], "last_node"),
+            ([("last_node", nn.Embedding(5, 3), ["x"])], "last_node"),
+            ([("last_node", nn.LSTM(5, 3, bidirectional=True), ["x"])],
+             "last_node"),  # fine itself; the output port below is refused
+        ]
+        for nodes, name in cases[:-1]:
+            with self.assertRaisesRegex(ValueError, name):
+                graph(nodes)
+        with self.assertRaisesRegex(ValueError, "state"):
+            graph(cases[-1][0], [("out", "last_node.state")])
+        with self.assertRaisesRegex(ValueError, "taken"):
+            graph([("a", nn.LSTM(5, 3, num_layers=2), ["x"]),
+                   ("a_l0", nn.Tanh(), ["x"]), ("last_node", nn.Tanh(), ["x"])])
+        net = graph([("last_node", nn.Linear(5, 3), ["x"])])
+        net.node_modules["last_node"] = nn.Linear(4, 3)
+        with self.assertRaisesRegex(ValueError, "last_node"):
+            rx.export(net, self.tmp.name, "bad")
+
+
 if __name__ == "__main__":
     unittest.main()
