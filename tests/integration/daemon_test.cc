@@ -381,6 +381,23 @@ outputs {
 outputs { name: "state" source: "last" }
 )";
 
+// The tiny net with its GRU's initial state as a second, VECTOR input, and
+// the GRU's final state as a further output.
+constexpr char kTinyStateNet[] = R"(name: "tiny_state"
+inputs { name: "signal" kind: VECTOR_SEQUENCE width: 3 }
+inputs { name: "h0" kind: VECTOR width: 4 }
+layers { name: "gru" type: "GatedRecurrentLayer" size: 4
+         inputs: "signal" inputs: "state=h0" }
+layers { name: "last" type: "SequenceLastLayer" }
+layers { name: "linear" type: "LinearLayer" size: 2 }
+layers { name: "softmax" type: "SoftmaxLayer" }
+outputs {
+  name: "level"
+  decoder { class_decoder { labels: "quiet" labels: "loud" } }
+}
+outputs { name: "final" source: "gru.state" }
+)";
+
 constexpr char kTinyConfig[] = R"(description: "a GRU over 3-vectors"
 max_sequence_length: 8
 max_batch_size: 4
@@ -718,6 +735,8 @@ class DaemonTest : public ::testing::Test {
     fs::create_directories(repository);
     ASSERT_NO_FATAL_FAILURE(
         WriteTinyLikeModel(repository, "tiny", kTinyNet, TinyArrays()));
+    ASSERT_NO_FATAL_FAILURE(WriteTinyLikeModel(repository, "tiny_state",
+                                               kTinyStateNet, TinyArrays()));
     ASSERT_NO_FATAL_FAILURE(WriteBrokenModels(repository));
     // A missing example is reported by the tests that need it, so that the
     // other tests still run.
@@ -873,7 +892,7 @@ TEST_F(DaemonTest, ListModelsShowsEveryModelWithItsStateAndReason) {
   absl::StatusOr<v1::ListModelsResponse> list = client().ListModels();
   ASSERT_TRUE(list.ok()) << list.status();
 
-  std::vector<std::string> expected = {"tiny", "tagger"};
+  std::vector<std::string> expected = {"tiny", "tiny_state", "tagger"};
   if (fs::exists(fs::path(kExampleDir))) expected.push_back("brackets");
   for (const BrokenModel& broken : BrokenModels()) {
     expected.push_back(broken.name);
@@ -920,6 +939,14 @@ TEST_F(DaemonTest, ListModelsShowsEveryModelWithItsStateAndReason) {
       EXPECT_EQ(model.inputs(0).encoder(), "characters");
       ASSERT_EQ(model.outputs_size(), 1);
       EXPECT_GE(model.outputs(0).labels_size(), 2);
+    } else if (model.name() == "tiny_state") {
+      EXPECT_EQ(model.state(), v1::ModelInfo::READY) << model.reason();
+      ASSERT_EQ(model.inputs_size(), 2);
+      EXPECT_EQ(model.inputs(1).name(), "h0");
+      EXPECT_EQ(model.inputs(1).kind(), v1::VECTOR);
+      EXPECT_FALSE(model.inputs(1).sequence());
+      ASSERT_EQ(model.outputs_size(), 2);
+      EXPECT_EQ(model.outputs(1).name(), "final");
     } else if (model.name() == "tagger") {
       EXPECT_EQ(model.state(), v1::ModelInfo::READY) << model.reason();
       EXPECT_EQ(model.inputs(0).encoder(), "characters");
@@ -1435,6 +1462,87 @@ TEST_F(DaemonTest, ExampleModelMatchesPyTorchOnHeldOutStrings) {
   RecordProperty("probabilities_compared", static_cast<int>(compared));
   std::printf("brackets vs PyTorch: %zu probabilities, max abs error %.3g\n",
               compared, max_error);
+}
+
+// A request for tiny_state: one instance per sequence, each with its
+// initial state.
+v1::InferRequest StateRequest(const std::vector<std::vector<float>>& seqs,
+                              const std::vector<std::vector<float>>& states) {
+  v1::InferRequest request;
+  request.set_model("tiny_state");
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    v1::Instance* instance = request.add_instances();
+    v1::InputValue* signal = instance->add_inputs();
+    signal->set_name("signal");
+    signal->mutable_vectors()->set_width(kTinyWidth);
+    signal->mutable_vectors()->mutable_values()->Add(seqs[i].begin(),
+                                                     seqs[i].end());
+    v1::InputValue* h0 = instance->add_inputs();
+    h0->set_name("h0");
+    h0->mutable_vectors()->set_width(kTinyState);
+    h0->mutable_vectors()->mutable_values()->Add(states[i].begin(),
+                                                 states[i].end());
+  }
+  return request;
+}
+
+TEST_F(DaemonTest, InitialStateInputStartsTheRecurrence) {
+  const std::vector<std::vector<float>> seqs = GoodTinySequences();
+  const std::vector<float> zeros(kTinyState, 0.0f);
+  absl::StatusOr<v1::InferResponse> plain =
+      client().Infer(VectorRequest("tiny", seqs));
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  absl::StatusOr<v1::InferResponse> from_zero =
+      client().Infer(StateRequest(seqs, {zeros, zeros, zeros}));
+  ASSERT_TRUE(from_zero.ok()) << from_zero.status();
+  // Zero initial states are what the plain net starts from: same bits.
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    EXPECT_EQ(Differences(plain->results(i).outputs(0),
+                          from_zero->results(i).outputs(0)),
+              "")
+        << "instance " << i;
+    const v1::Tensor& final_state = from_zero->results(i).outputs(1).tensor();
+    ASSERT_EQ(final_state.values_size(), kTinyState);
+  }
+  const std::vector<float> ones(kTinyState, 1.0f);
+  absl::StatusOr<v1::InferResponse> from_ones =
+      client().Infer(StateRequest({seqs[0]}, {ones}));
+  ASSERT_TRUE(from_ones.ok()) << from_ones.status();
+  EXPECT_NE(Differences(from_ones->results(0).outputs(1),
+                        from_zero->results(0).outputs(1)),
+            "")
+      << "the initial state made no difference";
+}
+
+TEST_F(DaemonTest, BadInitialStatesAreInvalidAndNamed) {
+  const std::vector<float> seq = TinySequence(3, 5);
+  const std::vector<float> state(kTinyState, 0.5f);
+  // Missing.
+  v1::InferRequest missing = StateRequest({seq}, {state});
+  missing.mutable_instances(0)->mutable_inputs()->RemoveLast();
+  ExpectRefused(missing, absl::StatusCode::kInvalidArgument,
+                {"instance 0 has no value for input 'h0'"});
+  // Two vectors where the input takes one.
+  std::vector<float> two = state;
+  two.insert(two.end(), state.begin(), state.end());
+  ExpectRefused(
+      StateRequest({seq}, {two}), absl::StatusCode::kInvalidArgument,
+      {"input 'h0' of instance 0 has 2 vectors; this input takes one"});
+  // Wrong width.
+  v1::InferRequest narrow = StateRequest({seq}, {{0.5f, 0.5f, 0.5f}});
+  narrow.mutable_instances(0)->mutable_inputs(1)->mutable_vectors()->set_width(
+      3);
+  ExpectRefused(narrow, absl::StatusCode::kInvalidArgument,
+                {"input 'h0' takes vectors of width 4, got width 3"});
+  // Not finite.
+  ExpectRefused(StateRequest({seq}, {{0.5f, NAN, 0.5f, 0.5f}}),
+                absl::StatusCode::kInvalidArgument,
+                {"input 'h0' of instance 0", "nan"});
+  // Unnamed values in a net with two inputs.
+  v1::InferRequest unnamed = StateRequest({seq}, {state});
+  unnamed.mutable_instances(0)->mutable_inputs(0)->clear_name();
+  ExpectRefused(unnamed, absl::StatusCode::kInvalidArgument,
+                {"has no input named ''", "signal, h0"});
 }
 
 // The second example: a per-character tagger whose output is a sequence of
