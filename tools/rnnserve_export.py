@@ -87,6 +87,16 @@ ids when the first layer is an embedding, otherwise a ``VECTOR_SEQUENCE`` of
 labels the output gets a class decoder, and the net must end in a softmax
 (possibly the last module of a final Map, for per-element classes).
 
+:class:`GraphNet` builds nets that are not chains: named inputs, nodes that
+each apply one of the modules above to one source, or a glue module
+(:class:`Catenate`, :class:`Total`, :class:`Times`, :class:`Subtract`) to
+several, :class:`Reshape`, and named outputs. Its export writes one layer per
+node named after it, wired with ``inputs``; a node that expands to L > 1
+layers (stacked recurrent modules) writes ``"<node>_l0"`` ...
+``"<node>_l<L-2>"`` and then ``"<node>"``. nn.Dropout nodes become
+DropoutLayers. :func:`load` reads chains only and raises NotImplementedError
+for such nets.
+
 Entry points: :func:`export`, :func:`write_net`, :func:`load`,
 :func:`read_safetensors`, :func:`write_safetensors`, :func:`pad_batch`,
 :func:`encode_text`, :func:`reverse_padded`, :func:`format_net`.
@@ -1747,7 +1757,8 @@ def write_config(model_dir, name, config=None):
 def export(net, model_root, model_name, version=1, labels=None, alphabet=None,
            output_name="output", config=None, ignore_case=False,
            unknown_token=False):
-    """Exports a SequenceNet as version ``version`` of model ``model_name``.
+    """Exports a SequenceNet (or a GraphNet, without labels or alphabet) as
+    version ``version`` of model ``model_name``.
 
     Writes ``<model_root>/<model_name>/config.pbtxt`` (``config`` is a dict of
     ModelConfig fields: description, max_sequence_length, max_batch_size,

@@ -1059,7 +1059,8 @@ def _case_graph_glue(rng):
 
 def _case_graph_arith(rng):
     # Two same-width branches (a 2-layer GRU; Linear -> sigmoid) combined by
-    # Total, Times and Subtract; a sequence output and a vector output.
+    # Total, Times and Subtract; a sequence output, a vector output and the
+    # GRU's final state (its "state" port).
     gru = nn.GRU(IN, HIDDEN, num_layers=2, batch_first=True)
     side = nn.Linear(IN, HIDDEN)
     head = nn.Linear(HIDDEN, 2)
@@ -1075,7 +1076,7 @@ def _case_graph_arith(rng):
                ("shape", rx.Reshape(HIDDEN, 1), ["drop"]),
                ("last", rx.SequenceLast(), ["shape"]),
                ("head", head, ["last"])],
-        outputs=[("output", "diff"), ("summary", "head")])
+        outputs=[("output", "diff"), ("summary", "head"), ("state", "gru.state")])
     seqs = _seqs(rng, _graph_lengths(rng), IN)
     states = _module_ref(gru, seqs)
     outs, heads = [], []
@@ -1085,7 +1086,8 @@ def _case_graph_arith(rng):
         outs.append(d)
         heads.append(d[-1] @ _f64(head.weight).T + _f64(head.bias))
     return _exported_graph_case(net, [_vector_input(seqs)],
-                                [("output", outs), ("summary", torch.stack(heads))])
+                                [("output", outs), ("summary", torch.stack(heads)),
+                                 ("state", torch.stack([h[-1] for h in states]))])
 
 
 def _graph_cases():
