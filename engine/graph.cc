@@ -219,6 +219,13 @@ int64_t Graph::parameter_count() const {
   return total;
 }
 
+const Layer* Graph::FindLayer(const std::string& name) const {
+  for (const Node& node : nodes_) {
+    if (node.layer->name() == name) return node.layer.get();
+  }
+  return nullptr;
+}
+
 std::unique_ptr<GraphState> Graph::NewState() const {
   auto state = std::make_unique<GraphState>();
   state->values_.resize(nodes_.size());

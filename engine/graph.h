@@ -55,6 +55,9 @@ class Graph {
   const PortType& output_type(int i) const;
   int64_t parameter_count() const;
 
+  // The layer named `name`, or nullptr.
+  const Layer* FindLayer(const std::string& name) const;
+
   std::unique_ptr<GraphState> NewState() const;
 
   // Runs every layer on `inputs` (one per graph input, which must outlive

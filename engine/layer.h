@@ -68,6 +68,11 @@ class Layer {
   // Prepares per-execution memory, for layers with sub-nets.
   virtual void InitScratch(LayerScratch* scratch) const {}
 
+  // Layers that are recurrences (recurrent layers, NetFold operators) can
+  // also run one step on rows whose states the caller holds; see
+  // engine/step.h. Others return nullptr.
+  virtual const class Steppable* AsSteppable() const { return nullptr; }
+
   // Computes every output port from the inputs. `in` has one entry per
   // input port of the layer's type (nullptr for an unconnected optional
   // port); `out` one per output port. Fails only on run-time conditions the
@@ -88,6 +93,21 @@ class Layer {
   std::string type_;
   std::vector<std::pair<std::string, PortType>> outputs_;
   int64_t parameter_count_ = 0;
+};
+
+// One step of a recurrence on `rows` rows: `input` holds their elements
+// ([rows, input_width()]), states[i] their states ([rows, state_width(i)]),
+// which the step replaces with the new ones. The result is bit for bit what
+// the layer computes at that step of a whole sequence.
+class Steppable {
+ public:
+  virtual ~Steppable() = default;
+  virtual int64_t input_width() const = 0;
+  virtual std::vector<int64_t> state_widths() const = 0;
+  virtual void InitStepScratch(LayerScratch* scratch) const {}
+  virtual absl::Status StepOnce(const float* input, int64_t rows,
+                                absl::Span<float* const> states,
+                                LayerScratch* scratch) const = 0;
 };
 
 // What a layer factory gets.

@@ -77,6 +77,10 @@ absl::StatusOr<std::unique_ptr<Net>> Net::Create(
 
 int64_t Net::parameter_count() const { return graph_->parameter_count(); }
 
+const Layer* Net::FindLayer(const std::string& name) const {
+  return graph_->FindLayer(name);
+}
+
 Execution Net::NewExecution() const {
   Execution exec;
   exec.layouts_.resize(input_types_.size());

@@ -59,6 +59,7 @@ struct NetOutputs {
 
 class Execution;
 class Graph;
+class Layer;
 class GraphState;
 
 class Net {
@@ -79,6 +80,9 @@ class Net {
   // The type each net input accepts and each output produces.
   const std::vector<PortType>& input_types() const { return input_types_; }
   const std::vector<PortType>& output_types() const { return output_types_; }
+
+  // The top-level layer named `name`, or nullptr.
+  const Layer* FindLayer(const std::string& name) const;
 
   Execution NewExecution() const;
 

@@ -122,8 +122,40 @@ class NetMapOperator : public Layer {
 // are the new states, in the same order. The operator's ports are "input"
 // and the state names (initial states, zeros when unconnected); its outputs
 // are named after the states.
-class NetFoldOperator : public Layer {
+class NetFoldOperator : public Layer, public Steppable {
  public:
+  const Steppable* AsSteppable() const override {
+    // A step takes float rows; a fold over token ids has none to take.
+    return element_type_.tokens ? nullptr : this;
+  }
+  int64_t input_width() const override { return element_type_.width; }
+  std::vector<int64_t> state_widths() const override { return widths_; }
+  void InitStepScratch(LayerScratch* scratch) const override {
+    InitScratch(scratch);
+  }
+
+  // The cell once, on caller-held states.
+  absl::Status StepOnce(const float* input, int64_t rows,
+                        absl::Span<float* const> states,
+                        LayerScratch* scratch) const override {
+    std::vector<Value>& v = scratch->values;
+    v[0].Reshape(element_type_, rows);
+    std::memcpy(v[0].data.data(), input,
+                rows * element_type_.width * sizeof(float));
+    for (size_t j = 0; j < widths_.size(); ++j) {
+      v[1 + j].Reshape(state_types_[j], rows);
+      std::memcpy(v[1 + j].data.data(), states[j],
+                  rows * widths_[j] * sizeof(float));
+    }
+    GraphState* state = scratch->nested[0].get();
+    RETURN_IF_ERROR(net_->Run(scratch->args, state));
+    for (size_t j = 0; j < widths_.size(); ++j) {
+      std::memcpy(states[j], net_->output(*state, j).data.data(),
+                  rows * widths_[j] * sizeof(float));
+    }
+    return absl::OkStatus();
+  }
+
   static LayerFactory Factory(bool list) {
     return [list](LayerContext& ctx) -> absl::StatusOr<std::unique_ptr<Layer>> {
       return Create(ctx, list);

@@ -36,8 +36,33 @@ void GatherSorted(const SequenceLayout& layout, const Value& v, float* dst) {
   }
 }
 
-class RecurrentLayer : public Layer {
+class RecurrentLayer : public Layer, public Steppable {
  public:
+  const Steppable* AsSteppable() const override { return this; }
+  int64_t input_width() const override { return in_width_; }
+  std::vector<int64_t> state_widths() const override {
+    return std::vector<int64_t>(gates_ == 4 ? 2 : 1, hidden_);
+  }
+
+  // The step the sequence run takes, on caller-held states: the input
+  // projection of these rows, then the cell on them. The new state goes to
+  // scratch->c first, since the product reads the old one.
+  absl::Status StepOnce(const float* input, int64_t rows,
+                        absl::Span<float* const> states,
+                        LayerScratch* scratch) const override {
+    const int64_t h = hidden_, g = gates_ * h;
+    scratch->a.Resize(rows * g);
+    Gemm(rows, input, in_width_, packed_ih_, scratch->a.data(), g, false,
+         input_bias_.data());
+    LoadStepStates(rows, states, scratch);
+    scratch->c.Resize(rows * h);
+    Step(rows, scratch->a.data(), nullptr, states[0], scratch->c.data(),
+         scratch);
+    std::memcpy(states[0], scratch->c.data(), rows * h * sizeof(float));
+    StoreStepStates(rows, states, scratch);
+    return absl::OkStatus();
+  }
+
   absl::Status Run(absl::Span<const Value* const> in,
                    absl::Span<Value* const> out,
                    LayerScratch* scratch) const override {
@@ -139,6 +164,13 @@ class RecurrentLayer : public Layer {
     AddOutput("state", PortType{false, false, h, -1});
     return absl::OkStatus();
   }
+
+  // For cells with state besides the output (the LSTM's cell state):
+  // moves it between the caller's states and the scratch Step uses.
+  virtual void LoadStepStates(int64_t rows, absl::Span<float* const> states,
+                              LayerScratch* scratch) const {}
+  virtual void StoreStepStates(int64_t rows, absl::Span<float* const> states,
+                               LayerScratch* scratch) const {}
 
   virtual void BeginSequence(const SequenceLayout& layout,
                              absl::Span<const Value* const> in,
@@ -262,6 +294,16 @@ class LongShortTermMemoryLayer : public RecurrentLayer {
  private:
   explicit LongShortTermMemoryLayer(const v1::LayerSpec& spec)
       : RecurrentLayer(spec, 4) {}
+
+  void LoadStepStates(int64_t rows, absl::Span<float* const> states,
+                      LayerScratch* scratch) const override {
+    scratch->b.Resize(rows * hidden_);
+    std::memcpy(scratch->b.data(), states[1], rows * hidden_ * sizeof(float));
+  }
+  void StoreStepStates(int64_t rows, absl::Span<float* const> states,
+                       LayerScratch* scratch) const override {
+    std::memcpy(states[1], scratch->b.data(), rows * hidden_ * sizeof(float));
+  }
 
   void BeginSequence(const SequenceLayout& layout,
                      absl::Span<const Value* const> in,
