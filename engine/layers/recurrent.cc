@@ -413,6 +413,16 @@ class GatedRecurrentLayer : public RecurrentLayer {
                      prev == nullptr ? nullptr : prev + r * h + u0,
                      next + r * h + u0, u1 - u0);
       }
+      // Unlike r and z, n's input projection is not touched by the product
+      // before this update reads it; ask for the next units' share now so
+      // that it arrives while the next tile multiplies.
+      if (u1 < h) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const float* x_n = xproj + r * 3 * h + 2 * h + u1;
+          __builtin_prefetch(x_n, 0, 3);
+          __builtin_prefetch(x_n + 16, 0, 3);
+        }
+      }
     };
     if (input != nullptr) {
       // r and z add both products into xproj; n keeps them apart.
