@@ -17,17 +17,10 @@ using ::testing::HasSubstr;
 using testing_util::Array;
 using testing_util::FreshDir;
 using testing_util::RandomArray;
+using testing_util::RandomRecurrentArrays;
 using testing_util::WriteVersion;
 
 constexpr auto LoadWith = testing_util::LoadModelWith;
-
-std::vector<Array> RecurrentArrays(const std::string& name, int64_t gates,
-                                   int64_t in, int64_t h, std::mt19937* rng) {
-  return {RandomArray(name + ".weight_ih", {gates * h, in}, rng),
-          RandomArray(name + ".weight_hh", {gates * h, h}, rng),
-          RandomArray(name + ".bias_ih", {gates * h}, rng),
-          RandomArray(name + ".bias_hh", {gates * h}, rng)};
-}
 
 NetInputs Vectors(int64_t width, const std::vector<int64_t>& lengths,
                   std::mt19937* rng) {
@@ -53,7 +46,7 @@ TEST(GraphWiring, UnknownOutputPortListsThePorts) {
     }
   )pb";
   auto model =
-      LoadWith("bad_port", net, RecurrentArrays("lstm", 4, 2, 3, &rng));
+      LoadWith("bad_port", net, RandomRecurrentArrays("lstm", 4, 2, 3, &rng));
   ASSERT_FALSE(model.ok());
   EXPECT_THAT(model.status().message(),
               HasSubstr("layer 'lstm' has no output port 'hidden' (ports: "
@@ -73,7 +66,7 @@ TEST(GraphWiring, UnknownInputPortIsNamed) {
     }
   )pb";
   auto model =
-      LoadWith("bad_in_port", net, RecurrentArrays("gru", 3, 2, 3, &rng));
+      LoadWith("bad_in_port", net, RandomRecurrentArrays("gru", 3, 2, 3, &rng));
   ASSERT_FALSE(model.ok());
   EXPECT_THAT(model.status().message(),
               HasSubstr("has no input port 'cell' (ports: input, state)"));
@@ -220,8 +213,9 @@ TEST(Operators, SteadyStateRunsAllocateNothing) {
       }
     }
   )pb";
-  std::vector<Array> arrays = RecurrentArrays("bi.forward.rnn", 4, 3, 4, &rng);
-  for (Array& a : RecurrentArrays("bi.backward.rnn", 4, 3, 4, &rng)) {
+  std::vector<Array> arrays =
+      RandomRecurrentArrays("bi.forward.rnn", 4, 3, 4, &rng);
+  for (Array& a : RandomRecurrentArrays("bi.backward.rnn", 4, 3, 4, &rng)) {
     arrays.push_back(a);
   }
   arrays.push_back(RandomArray("fold.lin.weight", {4, 12}, &rng));

@@ -158,11 +158,9 @@ TEST(NetRun, RejectsNonFiniteVectors) {
     inputs { name: "x" kind: VECTOR_SEQUENCE width: 2 }
     layers { name: "rnn" type: "BasicRecurrentLayer" size: 3 }
   )pb";
-  auto model = LoadWith("nonfinite", net,
-                        {RandomArray("rnn.weight_ih", {3, 2}, &rng),
-                         RandomArray("rnn.weight_hh", {3, 3}, &rng),
-                         RandomArray("rnn.bias_ih", {3}, &rng),
-                         RandomArray("rnn.bias_hh", {3}, &rng)});
+  auto model =
+      LoadWith("nonfinite", net,
+               testing_util::RandomRecurrentArrays("rnn", 1, 2, 3, &rng));
   ASSERT_TRUE(model.ok()) << model.status();
   NetInputs in;
   in.inputs.push_back({{2}, {}, {0.5f, 1.0f, NAN, 0.0f}});

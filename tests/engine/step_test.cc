@@ -18,16 +18,9 @@ using ::testing::HasSubstr;
 using testing_util::Array;
 using testing_util::LoadModelWith;
 using testing_util::RandomArray;
+using testing_util::RandomRecurrentArrays;
 
 constexpr int64_t kIn = 5;
-
-std::vector<Array> Recurrent(const std::string& name, int64_t gates, int64_t in,
-                             int64_t h, std::mt19937* rng) {
-  return {RandomArray(name + ".weight_ih", {gates * h, in}, rng),
-          RandomArray(name + ".weight_hh", {gates * h, h}, rng),
-          RandomArray(name + ".bias_ih", {gates * h}, rng),
-          RandomArray(name + ".bias_hh", {gates * h}, rng)};
-}
 
 struct StepCase {
   std::string name;
@@ -46,7 +39,7 @@ StepCase RecurrentCase(const std::string& type, int64_t gates, int64_t h,
       "inputs { name: \"x\" kind: VECTOR_SEQUENCE width: 5 }\n"
       "layers { name: \"rec\" type: \"",
       type, "\" size: ", h, " ", extra, " }\n");
-  c.arrays = Recurrent("rec", gates, kIn, h, rng);
+  c.arrays = RandomRecurrentArrays("rec", gates, kIn, h, rng);
   c.layer = "rec";
   return c;
 }
@@ -176,7 +169,7 @@ INSTANTIATE_TEST_SUITE_P(Recurrences, StepRunnerTest,
 
 TEST(StepRunner, RefusesUnknownAndNonRecurrentLayersAndWrongStates) {
   std::mt19937 rng(1);
-  std::vector<Array> arrays = Recurrent("rec", 4, kIn, 3, &rng);
+  std::vector<Array> arrays = RandomRecurrentArrays("rec", 4, kIn, 3, &rng);
   arrays.push_back(RandomArray("lin.weight", {2, 3}, &rng));
   arrays.push_back(RandomArray("lin.bias", {2}, &rng));
   auto model = LoadModelWith(

@@ -32,6 +32,17 @@ inline Array RandomArray(const std::string& name, std::vector<int64_t> shape,
   return a;
 }
 
+// Random weight_ih, weight_hh, bias_ih and bias_hh for recurrent layer
+// `name` with `gates` gates, input width `in` and state size `h`.
+inline std::vector<Array> RandomRecurrentArrays(const std::string& name,
+                                                int64_t gates, int64_t in,
+                                                int64_t h, std::mt19937* rng) {
+  return {RandomArray(name + ".weight_ih", {gates * h, in}, rng),
+          RandomArray(name + ".weight_hh", {gates * h, h}, rng),
+          RandomArray(name + ".bias_ih", {gates * h}, rng),
+          RandomArray(name + ".bias_hh", {gates * h}, rng)};
+}
+
 inline void WriteText(const std::string& path, const std::string& text) {
   std::filesystem::create_directories(
       std::filesystem::path(path).parent_path());
