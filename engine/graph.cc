@@ -2,6 +2,7 @@
 
 #include <map>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -180,6 +181,7 @@ absl::StatusOr<std::unique_ptr<Graph>> Graph::Build(
                              : std::nullopt);
     }
     ASSIGN_OR_RETURN(std::unique_ptr<Layer> layer, type.create(ctx));
+    layer->array_prefix_ = absl::StrCat(prefix, ls.name(), ".");
     scope.layers[ls.name()] = i;
     graph->nodes_.push_back(Node{std::move(layer), std::move(wired)});
   }

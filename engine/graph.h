@@ -58,6 +58,22 @@ class Graph {
   // The layer named `name`, or nullptr.
   const Layer* FindLayer(const std::string& name) const;
 
+  // The structure, read-only, for backends that compile the graph for
+  // another device. A port reference is a node with a port, or graph input
+  // i as node -1 - i.
+  struct Source {
+    int node = 0;
+    int port = 0;
+  };
+  const PortType& input_type(int i) const { return input_types_[i]; }
+  int num_nodes() const { return static_cast<int>(nodes_.size()); }
+  const Layer& layer(int node) const { return *nodes_[node].layer; }
+  // One entry per input port; nullopt for an unconnected optional port.
+  const std::vector<std::optional<Source>>& node_inputs(int node) const {
+    return nodes_[node].inputs;
+  }
+  Source output_source(int i) const { return outputs_[i]; }
+
   std::unique_ptr<GraphState> NewState() const;
 
   // Runs every layer on `inputs` (one per graph input, which must outlive
@@ -68,11 +84,6 @@ class Graph {
   const Value& output(const GraphState& state, int i) const;
 
  private:
-  // A port reference: node >= 0 with a port, or graph input -1 - node.
-  struct Source {
-    int node = 0;
-    int port = 0;
-  };
   struct Node {
     std::unique_ptr<Layer> layer;
     std::vector<std::optional<Source>> inputs;

@@ -26,6 +26,7 @@
 
 namespace rnnserve::engine {
 
+class Graph;
 class GraphState;
 
 // Per-layer working memory owned by an execution. It grows to the largest
@@ -64,6 +65,14 @@ class Layer {
   }
   const PortType& output_type(int port) const { return outputs_[port].second; }
   int64_t parameter_count() const { return parameter_count_; }
+  // The description the layer was built from.
+  const v1::LayerSpec& spec() const { return spec_; }
+  // What its array names start with: "<prefix><name>.".
+  const std::string& array_prefix() const { return array_prefix_; }
+  // The sub-nets of an operator, for backends that compile the same graph
+  // for another device (NetBidirectional: forward, backward); empty for
+  // layers.
+  virtual std::vector<const Graph*> subnets() const { return {}; }
 
   // Prepares per-execution memory, for layers with sub-nets.
   virtual void InitScratch(LayerScratch* scratch) const {}
@@ -84,7 +93,7 @@ class Layer {
 
  protected:
   explicit Layer(const v1::LayerSpec& spec)
-      : name_(spec.name()), type_(spec.type()) {}
+      : name_(spec.name()), type_(spec.type()), spec_(spec) {}
   void AddOutput(std::string name, PortType type) {
     outputs_.emplace_back(std::move(name), type);
   }
@@ -93,6 +102,11 @@ class Layer {
   std::string type_;
   std::vector<std::pair<std::string, PortType>> outputs_;
   int64_t parameter_count_ = 0;
+
+ private:
+  friend class Graph;
+  v1::LayerSpec spec_;
+  std::string array_prefix_;
 };
 
 // One step of a recurrence on `rows` rows: `input` holds their elements

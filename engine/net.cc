@@ -5,6 +5,9 @@
 
 #include "absl/strings/str_format.h"
 #include "engine/graph.h"
+#ifdef RNNSERVE_WITH_CUDA
+#include "engine/cuda/program.h"
+#endif
 #include "engine/status_macros.h"
 
 namespace rnnserve::engine {
@@ -50,9 +53,17 @@ Execution& Execution::operator=(Execution&&) noexcept = default;
 Net::~Net() = default;
 
 absl::StatusOr<std::unique_ptr<Net>> Net::Create(
-    const v1::NetSpec& spec, std::unique_ptr<SafetensorsFile> weights) {
+    const v1::NetSpec& spec, std::unique_ptr<SafetensorsFile> weights,
+    const NetOptions& options) {
   auto net = std::unique_ptr<Net>(new Net());
   net->spec_ = spec;
+  net->options_ = options;
+  if (options.device.kind == DeviceKind::kCpu &&
+      options.precision != Precision::kFp32) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "precision %s needs a CUDA device; the CPU engine computes in fp32",
+        PrecisionName(options.precision)));
+  }
   if (spec.inputs_size() == 0) {
     return absl::InvalidArgumentError("the net has no inputs");
   }
@@ -67,6 +78,17 @@ absl::StatusOr<std::unique_ptr<Net>> Net::Create(
   ASSIGN_OR_RETURN(net->graph_, Graph::Build(spec, net->input_types_, &source,
                                              "", &next_layout));
   RETURN_IF_ERROR(source.Finish());
+  if (options.device.kind == DeviceKind::kCuda) {
+#ifdef RNNSERVE_WITH_CUDA
+    ASSIGN_OR_RETURN(net->program_,
+                     cuda::Compile(*net->graph_, &source, options));
+#else
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "device %s asked for, but this build of rnnserve has no CUDA backend "
+        "(it was built without the CUDA toolkit)",
+        options.device.ToString()));
+#endif
+  }
 
   if (spec.outputs_size() == 0) net->spec_.add_outputs()->set_name("output");
   for (int o = 0; o < net->graph_->num_outputs(); ++o) {
@@ -76,6 +98,14 @@ absl::StatusOr<std::unique_ptr<Net>> Net::Create(
 }
 
 int64_t Net::parameter_count() const { return graph_->parameter_count(); }
+
+std::string Net::device_name() const {
+  return program_ ? program_->device_name() : "cpu";
+}
+
+int64_t Net::device_bytes() const {
+  return program_ ? program_->resident_bytes() : 0;
+}
 
 const Layer* Net::FindLayer(const std::string& name) const {
   return graph_->FindLayer(name);
@@ -228,12 +258,25 @@ absl::Status Net::ValidateAndPack(const NetInputs& inputs,
 absl::Status Net::Run(const NetInputs& inputs, Execution* exec,
                       NetOutputs* outputs) const {
   RETURN_IF_ERROR(ValidateAndPack(inputs, exec));
-  RETURN_IF_ERROR(graph_->Run(exec->input_ptrs_, exec->state_.get()));
+  std::vector<const Value*>& results = exec->results_;
+  if (program_ != nullptr) {
+    if (exec->device_ == nullptr) {
+      ASSIGN_OR_RETURN(exec->device_, program_->NewWorkspace());
+    }
+    RETURN_IF_ERROR(
+        program_->Run(exec->input_ptrs_, exec->device_.get(), &results));
+  } else {
+    RETURN_IF_ERROR(graph_->Run(exec->input_ptrs_, exec->state_.get()));
+    results.resize(graph_->num_outputs());
+    for (int o = 0; o < graph_->num_outputs(); ++o) {
+      results[o] = &graph_->output(*exec->state_, o);
+    }
+  }
 
   // Unpack each output into caller order.
   outputs->outputs.resize(graph_->num_outputs());
   for (int o = 0; o < graph_->num_outputs(); ++o) {
-    const Value& value = graph_->output(*exec->state_, o);
+    const Value& value = *results[o];
     OutputBatch& out = outputs->outputs[o];
     const int64_t w = value.type.width;
     const int64_t batch = inputs.inputs[0].lengths.size();

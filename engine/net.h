@@ -20,6 +20,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "engine/backend.h"
+#include "engine/device.h"
 #include "engine/safetensors.h"
 #include "engine/sequence_layout.h"
 #include "engine/value.h"
@@ -69,8 +71,16 @@ class Net {
   // the layer, input or array at fault: unknown layer type, dangling or
   // duplicate names, a layer given input of the wrong kind, array shape or
   // dtype mismatches, arrays in the file that no layer uses.
+  //
+  // `options` choose the device: the CPU engine by default; a CUDA device
+  // compiles the graph for it (engine/cuda/), which fails with
+  // FAILED_PRECONDITION when the build has no CUDA backend or the device is
+  // absent, UNIMPLEMENTED naming the first layer the backend cannot run
+  // yet, and RESOURCE_EXHAUSTED with the figures when the weights do not
+  // fit the device memory budget.
   static absl::StatusOr<std::unique_ptr<Net>> Create(
-      const v1::NetSpec& spec, std::unique_ptr<SafetensorsFile> weights);
+      const v1::NetSpec& spec, std::unique_ptr<SafetensorsFile> weights,
+      const NetOptions& options = {});
 
   ~Net();
 
@@ -83,6 +93,12 @@ class Net {
 
   // The top-level layer named `name`, or nullptr.
   const Layer* FindLayer(const std::string& name) const;
+
+  const NetOptions& options() const { return options_; }
+  // "cpu", or the device program's own description.
+  std::string device_name() const;
+  // Device memory held for the life of the net; 0 on the CPU.
+  int64_t device_bytes() const;
 
   Execution NewExecution() const;
 
@@ -101,9 +117,17 @@ class Net {
   absl::Status ValidateAndPack(const NetInputs& inputs, Execution* exec) const;
 
   v1::NetSpec spec_;
+  NetOptions options_;
   std::vector<PortType> input_types_;
   std::vector<PortType> output_types_;
+  // The graph is built on the CPU for every device: it checks the net and
+  // gives every port's type. Nets on another device also run through
+  // `program_`.
+  // TODO: a net compiled for a device still keeps its CPU weights in host
+  // memory; build the graph without packing them when a program takes
+  // over.
   std::unique_ptr<Graph> graph_;
+  std::unique_ptr<DeviceProgram> program_;
 };
 
 // The working memory of one run. Movable, not copyable; one thread at a time.
@@ -123,6 +147,9 @@ class Execution {
   std::vector<const Value*> input_ptrs_;
   std::vector<int64_t> starts_;
   std::unique_ptr<GraphState> state_;
+  // Made on the first run of a net that has a device program.
+  std::unique_ptr<DeviceWorkspace> device_;
+  std::vector<const Value*> results_;
 };
 
 }  // namespace rnnserve::engine

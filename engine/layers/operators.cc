@@ -115,6 +115,10 @@ class NetMapOperator : public Layer {
 
  private:
   using Layer::Layer;
+ public:
+  std::vector<const Graph*> subnets() const override { return {net_.get()}; }
+
+ private:
   std::unique_ptr<Graph> net_;
 };
 
@@ -318,6 +322,10 @@ class NetFoldOperator : public Layer, public Steppable {
   PortType element_type_;
   std::vector<int64_t> widths_;
   std::vector<PortType> state_types_;
+ public:
+  std::vector<const Graph*> subnets() const override { return {net_.get()}; }
+
+ private:
   std::unique_ptr<Graph> net_;
 };
 
@@ -404,6 +412,10 @@ class NetNestOperator : public Layer {
 
   bool list_ = false;
   const int64_t ctx_iterations_;
+ public:
+  std::vector<const Graph*> subnets() const override { return {net_.get()}; }
+
+ private:
   std::unique_ptr<Graph> net_;
 };
 
@@ -540,6 +552,12 @@ class NetBidirectionalOperator : public Layer {
  private:
   using Layer::Layer;
   Join join_ = Join::kCatenate;
+ public:
+  std::vector<const Graph*> subnets() const override {
+    return {forward_.get(), backward_.get()};
+  }
+
+ private:
   std::unique_ptr<Graph> forward_, backward_;
 };
 

@@ -1,0 +1,57 @@
+// The interface between a Net and the device it runs on.
+//
+// A Net checks and packs its inputs and unpacks its outputs on the host,
+// whatever the device. What runs in between is the net's graph of layers:
+// on the CPU the graph itself (engine/graph.h), elsewhere a DeviceProgram
+// compiled from that graph when the net is built. A program takes the
+// packed input values and returns the packed output values, with the same
+// types and layouts the CPU graph would give.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "engine/device.h"
+#include "engine/value.h"
+
+namespace rnnserve::engine {
+
+class Graph;
+class WeightSource;
+
+// The per-thread state of a program: its stream, library handles and
+// working memory, which grow to the largest batch seen and are reused.
+class DeviceWorkspace {
+ public:
+  virtual ~DeviceWorkspace() = default;
+};
+
+// Immutable once compiled; one program serves many threads, each with its
+// own workspace.
+class DeviceProgram {
+ public:
+  virtual ~DeviceProgram() = default;
+
+  // "cuda:0 (NVIDIA H200)".
+  virtual std::string device_name() const = 0;
+  // Device memory the program holds for the life of the net (weights).
+  virtual int64_t resident_bytes() const = 0;
+
+  virtual absl::StatusOr<std::unique_ptr<DeviceWorkspace>> NewWorkspace()
+      const = 0;
+
+  // Runs the graph on `inputs` (packed host values, one per net input).
+  // `outputs` receives one host value per net output, owned by the
+  // workspace and valid until its next run. Errors as Layer::Run, plus the
+  // device's own (engine/cuda/check.h).
+  virtual absl::Status Run(absl::Span<const Value* const> inputs,
+                           DeviceWorkspace* workspace,
+                           std::vector<const Value*>* outputs) const = 0;
+};
+
+}  // namespace rnnserve::engine

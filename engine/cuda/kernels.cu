@@ -1,0 +1,240 @@
+#include "engine/cuda/kernels.h"
+
+#include <cmath>
+
+namespace rnnserve::engine::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+int Blocks(int64_t n) {
+  const int64_t b = (n + kThreads - 1) / kThreads;
+  return static_cast<int>(b < 65535 * 32 ? (b > 0 ? b : 1) : 65535 * 32);
+}
+
+__global__ void GatherRowsKernel(const float* __restrict__ x, int64_t width,
+                                 const int32_t* __restrict__ index,
+                                 int64_t rows, float* __restrict__ y) {
+  const int64_t n = rows * width;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / width, j = i - r * width;
+    y[i] = x[int64_t{index[r]} * width + j];
+  }
+}
+
+__global__ void CopyColumnsKernel(const float* __restrict__ x, int64_t xw,
+                                  int64_t rows, float* __restrict__ y,
+                                  int64_t yw, int64_t c0) {
+  const int64_t n = rows * xw;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / xw, j = i - r * xw;
+    y[r * yw + c0 + j] = x[i];
+  }
+}
+
+__global__ void BroadcastRowsKernel(const float* __restrict__ bias,
+                                    int64_t width, int64_t rows,
+                                    float* __restrict__ y) {
+  const int64_t n = rows * width;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    y[i] = bias[i % width];
+  }
+}
+
+__device__ float Apply(Activation f, float v) {
+  switch (f) {
+    case Activation::kTanh:
+      return tanhf(v);
+    case Activation::kSigmoid:
+      return 1.0f / (1.0f + expf(-v));
+    case Activation::kRelu:
+      return v > 0.0f ? v : 0.0f;
+    case Activation::kElu:
+      return v > 0.0f ? v : expm1f(v);
+    case Activation::kSoftplus:
+      return v > 20.0f ? v : log1pf(expf(v));
+    case Activation::kGelu:
+      return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+    case Activation::kIdentity:
+      return v;
+    case Activation::kNegate:
+      return -v;
+    case Activation::kOneMinus:
+      return 1.0f - v;
+    case Activation::kExp:
+      return expf(v);
+    case Activation::kSquare:
+      return v * v;
+  }
+  return v;
+}
+
+__global__ void ActivateKernel(Activation f, const float* __restrict__ x,
+                               float* __restrict__ y, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    y[i] = Apply(f, x[i]);
+  }
+}
+
+// One block per row; a block-wide max and sum through shared memory.
+__global__ void SoftmaxKernel(const float* __restrict__ x,
+                              float* __restrict__ y, int64_t width) {
+  __shared__ float reduce[kThreads];
+  const float* in = x + blockIdx.x * width;
+  float* out = y + blockIdx.x * width;
+  float m = -INFINITY;
+  for (int64_t j = threadIdx.x; j < width; j += blockDim.x) m = fmaxf(m, in[j]);
+  reduce[threadIdx.x] = m;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+      reduce[threadIdx.x] = fmaxf(reduce[threadIdx.x], reduce[threadIdx.x + s]);
+    }
+    __syncthreads();
+  }
+  m = reduce[0];
+  __syncthreads();
+  float sum = 0.0f;
+  for (int64_t j = threadIdx.x; j < width; j += blockDim.x) {
+    const float e = expf(in[j] - m);
+    out[j] = e;
+    sum += e;
+  }
+  reduce[threadIdx.x] = sum;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) reduce[threadIdx.x] += reduce[threadIdx.x + s];
+    __syncthreads();
+  }
+  const float inv = 1.0f / reduce[0];
+  for (int64_t j = threadIdx.x; j < width; j += blockDim.x) out[j] *= inv;
+}
+
+__global__ void CombineKernel(Combine op, const float* a, const float* b,
+                              float* y, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const float u = a[i], v = b[i];
+    y[i] = op == Combine::kAdd ? u + v
+                               : (op == Combine::kMultiply ? u * v : u - v);
+  }
+}
+
+__global__ void ScaleKernel(float s, float* y, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    y[i] *= s;
+  }
+}
+
+__device__ float Sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
+
+__global__ void GruResetStateKernel(const float* __restrict__ x,
+                                    const float* __restrict__ hr,
+                                    const float* __restrict__ prev,
+                                    int64_t rows, int64_t h,
+                                    float* __restrict__ reset) {
+  const int64_t n = rows * h;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / h, j = i - r * h;
+    const float g = Sigmoid(x[r * 3 * h + j] + hr[r * 2 * h + j]);
+    reset[i] = g * prev[i];
+  }
+}
+
+__global__ void GruUpdateKernel(const float* __restrict__ x,
+                                const float* __restrict__ hr,
+                                const float* __restrict__ hn,
+                                const float* __restrict__ prev, int64_t rows,
+                                int64_t h, float* __restrict__ next) {
+  const int64_t n = rows * h;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / h, j = i - r * h;
+    const float z = Sigmoid(x[r * 3 * h + h + j] + hr[r * 2 * h + h + j]);
+    const float c = tanhf(x[r * 3 * h + 2 * h + j] + hn[i]);
+    next[i] = (1.0f - z) * c + z * prev[i];
+  }
+}
+
+}  // namespace
+
+cudaError_t GatherRows(const float* x, int64_t width, const int32_t* index,
+                       int64_t rows, float* y, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  GatherRowsKernel<<<Blocks(rows * width), kThreads, 0, stream>>>(
+      x, width, index, rows, y);
+  return cudaGetLastError();
+}
+
+cudaError_t CopyColumns(const float* x, int64_t x_width, int64_t rows,
+                        float* y, int64_t y_width, int64_t c0,
+                        cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  CopyColumnsKernel<<<Blocks(rows * x_width), kThreads, 0, stream>>>(
+      x, x_width, rows, y, y_width, c0);
+  return cudaGetLastError();
+}
+
+cudaError_t BroadcastRows(const float* bias, int64_t width, int64_t rows,
+                          float* y, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  BroadcastRowsKernel<<<Blocks(rows * width), kThreads, 0, stream>>>(
+      bias, width, rows, y);
+  return cudaGetLastError();
+}
+
+cudaError_t Activate(Activation f, const float* x, float* y, int64_t n,
+                     cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  ActivateKernel<<<Blocks(n), kThreads, 0, stream>>>(f, x, y, n);
+  return cudaGetLastError();
+}
+
+cudaError_t Softmax(const float* x, float* y, int64_t rows, int64_t width,
+                    cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  // Rows beyond the grid's x limit cannot occur: batches are capped far
+  // below 2^31 rows.
+  SoftmaxKernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, y,
+                                                                     width);
+  return cudaGetLastError();
+}
+
+cudaError_t CombineElements(Combine op, const float* a, const float* b,
+                            float* y, int64_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  CombineKernel<<<Blocks(n), kThreads, 0, stream>>>(op, a, b, y, n);
+  return cudaGetLastError();
+}
+
+cudaError_t Scale(float s, float* y, int64_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  ScaleKernel<<<Blocks(n), kThreads, 0, stream>>>(s, y, n);
+  return cudaGetLastError();
+}
+
+cudaError_t GruResetState(const float* x, const float* hr, const float* prev,
+                          int64_t rows, int64_t h, float* reset,
+                          cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  GruResetStateKernel<<<Blocks(rows * h), kThreads, 0, stream>>>(
+      x, hr, prev, rows, h, reset);
+  return cudaGetLastError();
+}
+
+cudaError_t GruUpdate(const float* x, const float* hr, const float* hn,
+                      const float* prev, int64_t rows, int64_t h, float* next,
+                      cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  GruUpdateKernel<<<Blocks(rows * h), kThreads, 0, stream>>>(x, hr, hn, prev,
+                                                             rows, h, next);
+  return cudaGetLastError();
+}
+
+}  // namespace rnnserve::engine::cuda

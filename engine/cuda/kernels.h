@@ -1,0 +1,69 @@
+// The CUDA backend's own kernels, for everything that is not a matrix
+// product (cuBLAS) or a recurrence cuDNN runs. Each launch returns the
+// launch's error; all rows are row-major floats.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace rnnserve::engine::cuda {
+
+// The functions of ElementwiseLayer, with the CPU engine's definitions.
+enum class Activation {
+  kTanh,
+  kSigmoid,
+  kRelu,
+  kElu,
+  kSoftplus,
+  kGelu,
+  kIdentity,
+  kNegate,
+  kOneMinus,
+  kExp,
+  kSquare,
+};
+
+// y[r] = x[index[r]] for r < rows: embedding lookups, sequence gathers and
+// reorders by index.
+cudaError_t GatherRows(const float* x, int64_t width, const int32_t* index,
+                       int64_t rows, float* y, cudaStream_t stream);
+
+// y[r, c0 + j] = x[r, j] for j < x_width: one input of a catenation, into
+// columns [c0, c0 + x_width) of y's y_width.
+cudaError_t CopyColumns(const float* x, int64_t x_width, int64_t rows,
+                        float* y, int64_t y_width, int64_t c0,
+                        cudaStream_t stream);
+
+// y[r] = bias for every row: the start of a biased product.
+cudaError_t BroadcastRows(const float* bias, int64_t width, int64_t rows,
+                          float* y, cudaStream_t stream);
+
+cudaError_t Activate(Activation f, const float* x, float* y, int64_t n,
+                     cudaStream_t stream);
+
+// Row-wise softmax, max-subtracted.
+cudaError_t Softmax(const float* x, float* y, int64_t rows, int64_t width,
+                    cudaStream_t stream);
+
+enum class Combine { kAdd, kMultiply, kSubtract };
+// y = a op b, element by element; y may be a.
+cudaError_t CombineElements(Combine op, const float* a, const float* b,
+                            float* y, int64_t n, cudaStream_t stream);
+// y *= s.
+cudaError_t Scale(float s, float* y, int64_t n, cudaStream_t stream);
+
+// One step of the original GRU (reset before the product) for `rows` rows
+// of width h. `x` holds the input projections [rows, 3h] (biases folded,
+// r | z | n), `hr` the recurrent r|z products [rows, 2h]; writes
+// reset = sigmoid(x_r + hr_r) * prev into `reset` [rows, h].
+cudaError_t GruResetState(const float* x, const float* hr, const float* prev,
+                          int64_t rows, int64_t h, float* reset,
+                          cudaStream_t stream);
+// Then, with `hn` = W_hn (reset) [rows, h] (its bias folded in x):
+// next = (1 - z) * tanh(x_n + hn) + z * prev.
+cudaError_t GruUpdate(const float* x, const float* hr, const float* hn,
+                      const float* prev, int64_t rows, int64_t h, float* next,
+                      cudaStream_t stream);
+
+}  // namespace rnnserve::engine::cuda

@@ -1,0 +1,1309 @@
+#include "engine/cuda/program.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+#include <cudnn.h>
+
+#include <map>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "engine/cuda/check.h"
+#include "engine/cuda/kernels.h"
+#include "engine/cuda/rnn_weights.h"
+#include "engine/graph.h"
+#include "engine/layer.h"
+#include "engine/status_macros.h"
+#include "engine/weights.h"
+
+namespace rnnserve::engine::cuda {
+
+absl::StatusOr<DeviceInfo> ProbeDevice(int ordinal) {
+  int count = 0;
+  RETURN_IF_CUDA(cudaGetDeviceCount(&count));
+  if (count == 0) {
+    return absl::FailedPreconditionError("this machine has no CUDA device");
+  }
+  if (ordinal >= count) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "cuda:%d asked for; this machine has %d CUDA device%s (cuda:0%s)",
+        ordinal, count, count == 1 ? "" : "s",
+        count == 1 ? "" : absl::StrFormat("..cuda:%d", count - 1)));
+  }
+  cudaDeviceProp prop;
+  RETURN_IF_CUDA(cudaGetDeviceProperties(&prop, ordinal));
+  RETURN_IF_CUDA(cudaSetDevice(ordinal));
+  size_t free_bytes = 0, total_bytes = 0;
+  RETURN_IF_CUDA(cudaMemGetInfo(&free_bytes, &total_bytes));
+  DeviceInfo info;
+  info.ordinal = ordinal;
+  info.name = prop.name;
+  info.compute_major = prop.major;
+  info.compute_minor = prop.minor;
+  info.total_bytes = static_cast<int64_t>(total_bytes);
+  info.free_bytes = static_cast<int64_t>(free_bytes);
+  return info;
+}
+
+namespace {
+
+// Device memory that only grows, so a workspace reaches its largest batch
+// once and then allocates nothing.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  ~DeviceBuffer() {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+  }
+  DeviceBuffer(DeviceBuffer&& o) noexcept
+      : ptr_(std::exchange(o.ptr_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    std::swap(ptr_, o.ptr_);
+    std::swap(size_, o.size_);
+    return *this;
+  }
+
+  absl::Status Reserve(size_t bytes) {
+    if (bytes <= size_) return absl::OkStatus();
+    if (ptr_ != nullptr) cudaFree(ptr_);
+    ptr_ = nullptr;
+    size_ = 0;
+    RETURN_IF_CUDA(cudaMalloc(&ptr_, bytes));
+    size_ = bytes;
+    return absl::OkStatus();
+  }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+  size_t size() const { return size_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t size_ = 0;
+};
+
+// A value on the device: the counterpart of engine::Value.
+struct DValue {
+  PortType type;
+  int64_t rows = 0;
+  const SequenceLayout* layout = nullptr;
+  DeviceBuffer buffer;
+
+  absl::Status Reshape(const PortType& t, int64_t n, const SequenceLayout* l) {
+    type = t;
+    rows = n;
+    layout = l;
+    return buffer.Reserve(
+        std::max<size_t>(1, n * (t.tokens ? 1 : t.width) * sizeof(float)));
+  }
+  float* data() const { return buffer.as<float>(); }
+  int32_t* ids() const { return buffer.as<int32_t>(); }
+  int64_t floats() const { return rows * type.width; }
+};
+
+// One stream and one set of library handles, per workspace.
+struct Context {
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  cublasHandle_t cublas = nullptr;
+  cudnnHandle_t cudnn = nullptr;
+};
+
+class ProgramState;
+
+// The cuDNN descriptors of an op that runs a recurrence through cuDNN.
+struct RnnDescriptors {
+  cudnnRNNDescriptor_t rnn = nullptr;
+  cudnnRNNDataDescriptor_t x = nullptr, y = nullptr;
+  cudnnTensorDescriptor_t h = nullptr;
+
+  RnnDescriptors() = default;
+  RnnDescriptors(const RnnDescriptors&) = delete;
+  RnnDescriptors& operator=(const RnnDescriptors&) = delete;
+  ~RnnDescriptors() {
+    if (rnn != nullptr) cudnnDestroyRNNDescriptor(rnn);
+    if (x != nullptr) cudnnDestroyRNNDataDescriptor(x);
+    if (y != nullptr) cudnnDestroyRNNDataDescriptor(y);
+    if (h != nullptr) cudnnDestroyTensorDescriptor(h);
+  }
+};
+
+// Per-op working memory in a workspace. Index uploads go from pageable
+// host memory, which the runtime stages before the call returns, so the
+// host vectors may be refilled at once.
+// TODO: stage indices through pinned memory; a pageable upload waits for
+// the stream first.
+struct OpState {
+  std::vector<DeviceBuffer> buffers;
+  std::vector<int32_t> host_index;
+  std::vector<int> host_lengths;
+  std::vector<int64_t> lengths;
+  SequenceLayout layout;
+  std::vector<DValue> values;
+  std::vector<std::unique_ptr<ProgramState>> nested;
+  std::unique_ptr<RnnDescriptors> rnn;
+
+  OpState();
+  OpState(OpState&&) noexcept;
+  ~OpState();
+
+  // buffers[i], grown to hold `count` elements of T.
+  template <typename T>
+  absl::StatusOr<T*> Scratch(size_t i, size_t count) {
+    if (buffers.size() <= i) buffers.resize(i + 1);
+    RETURN_IF_ERROR(buffers[i].Reserve(std::max<size_t>(1, count * sizeof(T))));
+    return buffers[i].as<T>();
+  }
+  // Copies host_index to buffers[i] and returns it on the device.
+  absl::StatusOr<const int32_t*> UploadIndex(size_t i, const Context& ctx) {
+    ASSIGN_OR_RETURN(int32_t* d, Scratch<int32_t>(i, host_index.size()));
+    RETURN_IF_CUDA(cudaMemcpyAsync(d, host_index.data(),
+                                   host_index.size() * sizeof(int32_t),
+                                   cudaMemcpyHostToDevice, ctx.stream));
+    return d;
+  }
+};
+
+class Op {
+ public:
+  virtual ~Op() = default;
+  virtual absl::Status Init(OpState* state) const { return absl::OkStatus(); }
+  virtual absl::Status Run(const std::vector<const DValue*>& in,
+                           const std::vector<DValue*>& out, OpState* state,
+                           const Context& ctx) const = 0;
+};
+
+// The weights of a program on the device, and their total size.
+struct Residents {
+  std::vector<DeviceBuffer> buffers;
+  int64_t bytes = 0;
+
+  absl::StatusOr<const float*> Upload(const float* host, int64_t count) {
+    DeviceBuffer b;
+    RETURN_IF_ERROR(b.Reserve(std::max<int64_t>(1, count) * sizeof(float)));
+    RETURN_IF_CUDA(cudaMemcpy(b.as<float>(), host, count * sizeof(float),
+                              cudaMemcpyHostToDevice));
+    const float* p = b.as<float>();
+    Adopt(std::move(b), count * sizeof(float));
+    return p;
+  }
+  void Adopt(DeviceBuffer b, int64_t size) {
+    bytes += size;
+    buffers.push_back(std::move(b));
+  }
+};
+
+// What lowering needs besides the graph.
+struct Lowering {
+  WeightSource* weights;
+  Residents* residents;
+  cudnnHandle_t cudnn;  // for weight-space queries at compile time
+};
+
+class SubProgram;
+
+// The values and op states of one program for one workspace.
+class ProgramState {
+ public:
+  std::vector<std::vector<DValue>> values;  // per node, per output port
+  std::vector<OpState> ops;
+  std::vector<const DValue*> inputs;
+};
+
+OpState::OpState() = default;
+OpState::OpState(OpState&&) noexcept = default;
+OpState::~OpState() = default;
+
+// A lowered graph: one op per node, wired as the graph is.
+class SubProgram {
+ public:
+  static absl::StatusOr<std::unique_ptr<SubProgram>> Lower(const Graph& graph,
+                                                           Lowering& lw);
+
+  absl::StatusOr<std::unique_ptr<ProgramState>> NewState() const {
+    auto state = std::make_unique<ProgramState>();
+    state->values.resize(nodes_.size());
+    state->ops.resize(nodes_.size());
+    for (size_t n = 0; n < nodes_.size(); ++n) {
+      state->values[n].resize(nodes_[n].outputs);
+      RETURN_IF_ERROR(nodes_[n].op->Init(&state->ops[n]));
+    }
+    return state;
+  }
+
+  absl::Status Run(const std::vector<const DValue*>& inputs,
+                   ProgramState* state, const Context& ctx) const {
+    state->inputs = inputs;
+    std::vector<const DValue*> in;
+    std::vector<DValue*> out;
+    for (size_t n = 0; n < nodes_.size(); ++n) {
+      in.clear();
+      out.clear();
+      for (const auto& source : nodes_[n].inputs) {
+        in.push_back(source ? &Resolve(*state, *source) : nullptr);
+      }
+      for (DValue& v : state->values[n]) out.push_back(&v);
+      RETURN_IF_ERROR(nodes_[n].op->Run(in, out, &state->ops[n], ctx));
+    }
+    return absl::OkStatus();
+  }
+
+  int num_outputs() const { return static_cast<int>(outputs_.size()); }
+  const DValue& output(const ProgramState& state, int i) const {
+    return Resolve(state, outputs_[i]);
+  }
+
+ private:
+  struct Node {
+    std::unique_ptr<Op> op;
+    std::vector<std::optional<Graph::Source>> inputs;
+    int outputs = 0;
+  };
+  const DValue& Resolve(const ProgramState& state, Graph::Source s) const {
+    return s.node < 0 ? *state.inputs[-1 - s.node]
+                      : state.values[s.node][s.port];
+  }
+
+  std::vector<Node> nodes_;
+  std::vector<Graph::Source> outputs_;
+};
+
+absl::Status Unimplemented(const Layer& layer, const std::string& what) {
+  return absl::UnimplementedError(absl::StrFormat(
+      "layer '%s' (%s): %s is not implemented by the CUDA backend yet; run "
+      "this model on device \"cpu\"",
+      layer.name(), layer.type(), what));
+}
+
+// Takes an array of the layer a second time (the CPU graph took it first),
+// for copying to the device.
+absl::StatusOr<engine::Buffer<float>> Array(const Layer& layer, Lowering& lw,
+                                            const char* name,
+                                            std::vector<int64_t> shape) {
+  return lw.weights->Take(layer.array_prefix() + name, shape);
+}
+
+// ---------------------------------------------------------------------------
+// Row-wise ops.
+
+class EmbeddingOp : public Op {
+ public:
+  EmbeddingOp(const Layer& layer, const float* table)
+      : type_(layer.output_type(0)), table_(table) {}
+  absl::Status Run(const std::vector<const DValue*>& in,
+                   const std::vector<DValue*>& out, OpState*,
+                   const Context& ctx) const override {
+    const DValue& x = *in[0];
+    RETURN_IF_ERROR(out[0]->Reshape(type_, x.rows, x.layout));
+    RETURN_IF_CUDA(GatherRows(table_, type_.width, x.ids(), x.rows,
+                              out[0]->data(), ctx.stream));
+    return absl::OkStatus();
+  }
+
+ private:
+  PortType type_;
+  const float* table_;
+};
+
+// y = x W^T + b through cuBLAS. Row-major y [rows, n] is column-major
+// y^T [n, rows] = W [n, in] (column-major W^T, so transposed) times x^T.
+absl::Status LinearProduct(const Context& ctx, const float* weight,
+                           const float* bias, int64_t n, int64_t in,
+                           const float* x, int64_t rows, float* y) {
+  if (rows == 0) return absl::OkStatus();
+  float beta = 0.0f;
+  if (bias != nullptr) {
+    RETURN_IF_CUDA(BroadcastRows(bias, n, rows, y, ctx.stream));
+    beta = 1.0f;
+  }
+  const float alpha = 1.0f;
+  RETURN_IF_CUBLAS(cublasSgemm(ctx.cublas, CUBLAS_OP_T, CUBLAS_OP_N,
+                               static_cast<int>(n), static_cast<int>(rows),
+                               static_cast<int>(in), &alpha, weight,
+                               static_cast<int>(in), x, static_cast<int>(in),
+                               &beta, y, static_cast<int>(n)));
+  return absl::OkStatus();
+}
+
+class LinearOp : public Op {
+ public:
+  LinearOp(const Layer& layer, int64_t in, const float* weight,
+           const float* bias)
+      : type_(layer.output_type(0)), in_(in), weight_(weight), bias_(bias) {}
+  absl::Status Run(const std::vector<const DValue*>& in,
+                   const std::vector<DValue*>& out, OpState*,
+                   const Context& ctx) const override {
+    const DValue& x = *in[0];
+    RETURN_IF_ERROR(out[0]->Reshape(type_, x.rows, x.layout));
+    return LinearProduct(ctx, weight_, bias_, type_.width, in_, x.data(),
+                         x.rows, out[0]->data());
+  }
+
+ private:
+  PortType type_;
+  int64_t in_;
+  const float* weight_;
+  const float* bias_;
+};
+
+class ActivationOp : public Op {
+ public:
+  ActivationOp(const Layer& layer, Activation f)
+      : type_(layer.output_type(0)), f_(f) {}
+  absl::Status Run(const std::vector<const DValue*>& in,
+                   const std::vector<DValue*>& out, OpState*,
+                   const Context& ctx) const override {
+    const DValue& x = *in[0];
+    RETURN_IF_ERROR(out[0]->Reshape(type_, x.rows, x.layout));
+    RETURN_IF_CUDA(
+        Activate(f_, x.data(), out[0]->data(), x.floats(), ctx.stream));
+    return absl::OkStatus();
+  }
+
+ private:
+  PortType type_;
+  Activation f_;
+};
+
+class SoftmaxOp : public Op {
+ public:
+  explicit SoftmaxOp(const Layer& layer) : type_(layer.output_type(0)) {}
+  absl::Status Run(const std::vector<const DValue*>& in,
+                   const std::vector<DValue*>& out, OpState*,
+                   const Context& ctx) const override {
+    const DValue& x = *in[0];
+    RETURN_IF_ERROR(out[0]->Reshape(type_, x.rows, x.layout));
+    RETURN_IF_CUDA(
+        Softmax(x.data(), out[0]->data(), x.rows, type_.width, ctx.stream));
+    return absl::OkStatus();
+  }
+
+ private:
+  PortType type_;
+};
+
+// Catenate (op empty), Total, Times, Subtract; and, with one input, the
+// copies (Dropout, Reshape).
+class CombineOp : public Op {
+ public:
+  CombineOp(const Layer& layer, std::optional<Combine> op)
+      : type_(layer.output_type(0)), op_(op) {}
+  absl::Status Run(const std::vector<const DValue*>& in,
+                   const std::vector<DValue*>& out, OpState*,
+                   const Context& ctx) const override {
+    const int64_t rows = in[0]->rows;
+    DValue& y = *out[0];
+    RETURN_IF_ERROR(y.Reshape(type_, rows, in[0]->layout));
+    if (!op_) {
+      int64_t col = 0;
+      for (const DValue* x : in) {
+        RETURN_IF_CUDA(CopyColumns(x->data(), x->type.width, rows, y.data(),
+                                   type_.width, col, ctx.stream));
+        col += x->type.width;
+      }
+      return absl::OkStatus();
+    }
+    RETURN_IF_CUDA(cudaMemcpyAsync(y.data(), in[0]->data(),
+                                   in[0]->floats() * sizeof(float),
+                                   cudaMemcpyDeviceToDevice, ctx.stream));
+    for (size_t k = 1; k < in.size(); ++k) {
+      RETURN_IF_CUDA(CombineElements(*op_, y.data(), in[k]->data(), y.data(),
+                                     y.floats(), ctx.stream));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  PortType type_;
+  std::optional<Combine> op_;
+};
+
+// ---------------------------------------------------------------------------
+// Sequence ops: the host computes a row index from the layout, the device
+// gathers.
+
+class SequenceLastOp : public Op {
+ public:
+  explicit SequenceLastOp(const Layer& layer) : type_(layer.output_type(0)) {}
+  absl::Status Run(const std::vector<const DValue*>& in,
+                   const std::vector<DValue*>& out, OpState* st,
+                   const Context& ctx) const override {
+    const DValue& x = *in[0];
+    const SequenceLayout& l = *x.layout;
+    st->host_index.resize(l.batch());
+    for (int64_t i = 0; i < l.batch(); ++i) {
+      const int64_t s = l.sorted_position(i);
+      st->host_index[i] = static_cast<int32_t>(l.row(s, l.sorted_length(s) - 1));
+    }
+    ASSIGN_OR_RETURN(const int32_t* index, st->UploadIndex(0, ctx));
+    RETURN_IF_ERROR(out[0]->Reshape(type_, l.batch(), nullptr));
+    RETURN_IF_CUDA(GatherRows(x.data(), type_.width, index, l.batch(),
+                              out[0]->data(), ctx.stream));
+    return absl::OkStatus();
+  }
+
+ private:
+  PortType type_;
+};
+
+// Fills host_index with the length-aware reversal of `l`.
+void ReverseIndex(const SequenceLayout& l, std::vector<int32_t>* index) {
+  index->resize(l.total_rows());
+  for (int64_t t = 0; t < l.max_length(); ++t) {
+    for (int64_t s = 0; s < l.batch_size(t); ++s) {
+      (*index)[l.row(s, t)] =
+          static_cast<int32_t>(l.row(s, l.sorted_length(s) - 1 - t));
+    }
+  }
+}
+
+absl::Status Reverse(const DValue& x, DValue* y, OpState* st, size_t slot,
+                     const Context& ctx) {
+  ReverseIndex(*x.layout, &st->host_index);
+  ASSIGN_OR_RETURN(const int32_t* index, st->UploadIndex(slot, ctx));
+  RETURN_IF_ERROR(y->Reshape(x.type, x.rows, x.layout));
+  RETURN_IF_CUDA(GatherRows(x.data(), x.type.width, index, x.rows, y->data(),
+                            ctx.stream));
+  return absl::OkStatus();
+}
+
+class SequenceReverseOp : public Op {
+ public:
+  absl::Status Run(const std::vector<const DValue*>& in,
+                   const std::vector<DValue*>& out, OpState* st,
+                   const Context& ctx) const override {
+    return Reverse(*in[0], out[0], st, 0, ctx);
+  }
+};
+
+// SequenceMostLayer (drop_first false) and SequenceRestLayer.
+class DropOneOp : public Op {
+ public:
+  DropOneOp(const Layer& layer, bool drop_first)
+      : layer_(layer), type_(layer.output_type(0)), drop_first_(drop_first) {}
+  absl::Status Run(const std::vector<const DValue*>& in,
+                   const std::vector<DValue*>& out, OpState* st,
+                   const Context& ctx) const override {
+    const DValue& x = *in[0];
+    const SequenceLayout& from = *x.layout;
+    st->lengths.resize(from.batch());
+    for (int64_t i = 0; i < from.batch(); ++i) {
+      const int64_t len = from.sorted_length(from.sorted_position(i));
+      if (len < 2) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "layer '%s' (%s) needs sequences of at least 2 elements; instance "
+            "%d has %d",
+            layer_.name(), layer_.type(), i, len));
+      }
+      st->lengths[i] = len - 1;
+    }
+    RETURN_IF_ERROR(st->layout.Plan(st->lengths));
+    const SequenceLayout& to = st->layout;
+    st->host_index.resize(to.total_rows());
+    for (int64_t t = 0; t < to.max_length(); ++t) {
+      const int64_t src = from.offset(drop_first_ ? t + 1 : t);
+      for (int64_t s = 0; s < to.batch_size(t); ++s) {
+        st->host_index[to.offset(t) + s] = static_cast<int32_t>(src + s);
+      }
+    }
+    ASSIGN_OR_RETURN(const int32_t* index, st->UploadIndex(0, ctx));
+    RETURN_IF_ERROR(out[0]->Reshape(type_, to.total_rows(), &to));
+    RETURN_IF_CUDA(GatherRows(x.data(), type_.width, index, to.total_rows(),
+                              out[0]->data(), ctx.stream));
+    return absl::OkStatus();
+  }
+
+ private:
+  const Layer& layer_;
+  PortType type_;
+  bool drop_first_;
+};
+
+// ---------------------------------------------------------------------------
+// Recurrences through cuDNN.
+
+// Lays the instances' lengths out as cuDNN's packed data descriptors want
+// them: sorted by decreasing length, which is the engine's packed order.
+void SortedLengths(const SequenceLayout& l, std::vector<int>* lengths) {
+  lengths->resize(l.batch());
+  for (int64_t s = 0; s < l.batch(); ++s) {
+    (*lengths)[s] = static_cast<int>(l.sorted_length(s));
+  }
+}
+
+struct RnnShape {
+  RnnCell cell = RnnCell::kLstm;
+  int64_t input = 0;
+  int64_t hidden = 0;
+  bool bidirectional = false;
+};
+
+absl::Status SetRnnDescriptor(cudnnRNNDescriptor_t desc, const RnnShape& s) {
+  cudnnRNNMode_t mode = CUDNN_LSTM;
+  switch (s.cell) {
+    case RnnCell::kTanh:
+      mode = CUDNN_RNN_TANH;
+      break;
+    case RnnCell::kRelu:
+      mode = CUDNN_RNN_RELU;
+      break;
+    case RnnCell::kGru:
+      mode = CUDNN_GRU;
+      break;
+    case RnnCell::kLstm:
+      mode = CUDNN_LSTM;
+      break;
+  }
+  // FMA math keeps fp32 products in fp32 (no TF32), so results stay within
+  // the parity bound of the CPU engine.
+  RETURN_IF_CUDNN(cudnnSetRNNDescriptor_v8(
+      desc, CUDNN_RNN_ALGO_STANDARD, mode, CUDNN_RNN_DOUBLE_BIAS,
+      s.bidirectional ? CUDNN_BIDIRECTIONAL : CUDNN_UNIDIRECTIONAL,
+      CUDNN_LINEAR_INPUT, CUDNN_DATA_FLOAT, CUDNN_DATA_FLOAT, CUDNN_FMA_MATH,
+      static_cast<int32_t>(s.input), static_cast<int32_t>(s.hidden),
+      static_cast<int32_t>(s.hidden), /*numLayers=*/1, /*dropoutDesc=*/nullptr,
+      CUDNN_RNN_PADDED_IO_DISABLED));
+  return absl::OkStatus();
+}
+
+// Builds the weight space of a cuDNN RNN from the engine's arrays, one
+// entry of `arrays` per direction.
+absl::StatusOr<std::pair<const float*, size_t>> UploadWeightSpace(
+    const RnnShape& shape, const std::vector<RecurrentArrays>& arrays,
+    Lowering& lw) {
+  cudnnRNNDescriptor_t desc = nullptr;
+  RETURN_IF_CUDNN(cudnnCreateRNNDescriptor(&desc));
+  struct Cleanup {
+    cudnnRNNDescriptor_t d;
+    cudnnTensorDescriptor_t m = nullptr, b = nullptr;
+    ~Cleanup() {
+      cudnnDestroyRNNDescriptor(d);
+      if (m) cudnnDestroyTensorDescriptor(m);
+      if (b) cudnnDestroyTensorDescriptor(b);
+    }
+  } cleanup{desc};
+  RETURN_IF_ERROR(SetRnnDescriptor(desc, shape));
+  size_t space_bytes = 0;
+  RETURN_IF_CUDNN(cudnnGetRNNWeightSpaceSize(lw.cudnn, desc, &space_bytes));
+  RETURN_IF_CUDNN(cudnnCreateTensorDescriptor(&cleanup.m));
+  RETURN_IF_CUDNN(cudnnCreateTensorDescriptor(&cleanup.b));
+  // The space itself: cuDNN gives addresses inside it, whose distances from
+  // its start are the offsets.
+  DeviceBuffer probe;
+  RETURN_IF_ERROR(probe.Reserve(space_bytes));
+  const char* base = probe.as<char>();
+  PlaceFn place = [&](int pseudo_layer, int id)
+      -> absl::StatusOr<std::pair<ParamPlace, ParamPlace>> {
+    void* m_addr = nullptr;
+    void* b_addr = nullptr;
+    RETURN_IF_CUDNN(cudnnGetRNNWeightParams(
+        lw.cudnn, desc, pseudo_layer, space_bytes, probe.as<void>(), id,
+        cleanup.m, &m_addr, cleanup.b, &b_addr));
+    auto describe = [&](cudnnTensorDescriptor_t t, void* addr,
+                        ParamPlace* p) -> absl::Status {
+      cudnnDataType_t type;
+      int nb = 0, dims[3] = {0, 0, 0}, strides[3] = {0, 0, 0};
+      RETURN_IF_CUDNN(cudnnGetTensorNdDescriptor(t, 3, &type, &nb, dims,
+                                                 strides));
+      p->offset = (static_cast<const char*>(addr) - base) /
+                  static_cast<int64_t>(sizeof(float));
+      p->rows = dims[1];
+      p->cols = dims[2];
+      return absl::OkStatus();
+    };
+    std::pair<ParamPlace, ParamPlace> places;
+    RETURN_IF_ERROR(describe(cleanup.m, m_addr, &places.first));
+    RETURN_IF_ERROR(describe(cleanup.b, b_addr, &places.second));
+    return places;
+  };
+  const int64_t floats = space_bytes / sizeof(float);
+  std::vector<float> image(floats);
+  RETURN_IF_ERROR(FillWeightSpace(shape.cell, arrays, place, image.data(),
+                                  floats));
+  RETURN_IF_CUDA(cudaMemcpy(probe.as<float>(), image.data(), space_bytes,
+                            cudaMemcpyHostToDevice));
+  const float* space = probe.as<float>();
+  lw.residents->Adopt(std::move(probe), space_bytes);
+  return std::make_pair(space, space_bytes);
+}
+
+// One recurrent layer, or both directions of a bidirectional one, as one
+// cuDNN call on the packed batch. Ports as the CPU layer's: output, state
+// (final, caller order) and, for the LSTM, cell (final); initial states
+// from the state and cell inputs.
+class CudnnRnnOp : public Op {
+ public:
+  CudnnRnnOp(const Layer& layer, RnnShape shape, const float* space,
+             size_t space_bytes, std::vector<bool> needed)
+      : layer_(layer),
+        shape_(shape),
+        space_(space),
+        space_bytes_(space_bytes),
+        needed_(std::move(needed)) {}
+
+  absl::Status Init(OpState* st) const override {
+    st->rnn = std::make_unique<RnnDescriptors>();
+    RnnDescriptors& d = *st->rnn;
+    RETURN_IF_CUDNN(cudnnCreateRNNDescriptor(&d.rnn));
+    RETURN_IF_ERROR(SetRnnDescriptor(d.rnn, shape_));
+    RETURN_IF_CUDNN(cudnnCreateRNNDataDescriptor(&d.x));
+    RETURN_IF_CUDNN(cudnnCreateRNNDataDescriptor(&d.y));
+    RETURN_IF_CUDNN(cudnnCreateTensorDescriptor(&d.h));
+    return absl::OkStatus();
+  }
+
+  absl::Status Run(const std::vector<const DValue*>& in,
+                   const std::vector<DValue*>& out, OpState* st,
+                   const Context& ctx) const override {
+    const DValue& x = *in[0];
+    const SequenceLayout& l = *x.layout;
+    const RnnDescriptors& d = *st->rnn;
+    const int64_t batch = l.batch(), h = shape_.hidden;
+    const int dirs = shape_.bidirectional ? 2 : 1;
+    SortedLengths(l, &st->host_lengths);
+    const int max_len = static_cast<int>(l.max_length());
+    RETURN_IF_CUDNN(cudnnSetRNNDataDescriptor(
+        d.x, CUDNN_DATA_FLOAT, CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_PACKED,
+        max_len, static_cast<int>(batch), static_cast<int>(shape_.input),
+        st->host_lengths.data(), nullptr));
+    RETURN_IF_CUDNN(cudnnSetRNNDataDescriptor(
+        d.y, CUDNN_DATA_FLOAT, CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_PACKED,
+        max_len, static_cast<int>(batch), static_cast<int>(dirs * h),
+        st->host_lengths.data(), nullptr));
+    const int dims[3] = {dirs, static_cast<int>(batch), static_cast<int>(h)};
+    const int strides[3] = {static_cast<int>(batch * h), static_cast<int>(h),
+                            1};
+    RETURN_IF_CUDNN(cudnnSetTensorNdDescriptor(d.h, CUDNN_DATA_FLOAT, 3,
+                                               dims, strides));
+
+    // Buffers: 0 device lengths, 1 index, 2 hx, 3 cx, 4 hy, 5 cy,
+    // 6 workspace, 7 reserve.
+    ASSIGN_OR_RETURN(int32_t* dev_lengths, st->Scratch<int32_t>(0, batch));
+    RETURN_IF_CUDA(cudaMemcpyAsync(dev_lengths, st->host_lengths.data(),
+                                   batch * sizeof(int32_t),
+                                   cudaMemcpyHostToDevice, ctx.stream));
+    // Initial states arrive in caller order; cuDNN wants them sorted.
+    const bool has_h0 = in.size() > 1 && in[1] != nullptr;
+    const bool has_c0 = in.size() > 2 && in[2] != nullptr;
+    float* hx = nullptr;
+    float* cx = nullptr;
+    if (has_h0 || has_c0) {
+      st->host_index.resize(batch);
+      for (int64_t s = 0; s < batch; ++s) {
+        st->host_index[s] = static_cast<int32_t>(l.original_index(s));
+      }
+      ASSIGN_OR_RETURN(const int32_t* order, st->UploadIndex(1, ctx));
+      if (has_h0) {
+        ASSIGN_OR_RETURN(hx, st->Scratch<float>(2, batch * h));
+        RETURN_IF_CUDA(
+            GatherRows(in[1]->data(), h, order, batch, hx, ctx.stream));
+      }
+      if (has_c0) {
+        ASSIGN_OR_RETURN(cx, st->Scratch<float>(3, batch * h));
+        RETURN_IF_CUDA(
+            GatherRows(in[2]->data(), h, order, batch, cx, ctx.stream));
+      }
+    }
+    const bool lstm = shape_.cell == RnnCell::kLstm;
+    const bool want_h = needed_.size() > 1 && needed_[1];
+    const bool want_c = lstm && needed_.size() > 2 && needed_[2];
+    float* hy = nullptr;
+    float* cy = nullptr;
+    if (want_h) {
+      ASSIGN_OR_RETURN(hy, st->Scratch<float>(4, dirs * batch * h));
+    }
+    if (want_c) {
+      ASSIGN_OR_RETURN(cy, st->Scratch<float>(5, dirs * batch * h));
+    }
+
+    size_t work_bytes = 0, reserve_bytes = 0;
+    RETURN_IF_CUDNN(cudnnGetRNNTempSpaceSizes(ctx.cudnn, d.rnn,
+                                              CUDNN_FWD_MODE_INFERENCE,
+                                              d.x, &work_bytes,
+                                              &reserve_bytes));
+    ASSIGN_OR_RETURN(char* work, st->Scratch<char>(6, work_bytes));
+    ASSIGN_OR_RETURN(char* reserve, st->Scratch<char>(7, reserve_bytes));
+
+    DValue& y = *out[0];
+    RETURN_IF_ERROR(y.Reshape(layer_.output_type(0), x.rows, x.layout));
+    RETURN_IF_CUDNN(cudnnRNNForward(
+        ctx.cudnn, d.rnn, CUDNN_FWD_MODE_INFERENCE, dev_lengths, d.x,
+        x.data(), d.y, y.data(), d.h, hx, hy, d.h, cx, cy,
+        space_bytes_, const_cast<float*>(space_), work_bytes, work,
+        reserve_bytes, reserve));
+
+    // Final states back to caller order (one direction: layers that expose
+    // them are never fused).
+    if (want_h || want_c) {
+      st->host_index.resize(batch);
+      for (int64_t i = 0; i < batch; ++i) {
+        st->host_index[i] = static_cast<int32_t>(l.sorted_position(i));
+      }
+      ASSIGN_OR_RETURN(const int32_t* back, st->UploadIndex(1, ctx));
+      if (want_h) {
+        RETURN_IF_ERROR(out[1]->Reshape(layer_.output_type(1), batch, nullptr));
+        RETURN_IF_CUDA(
+            GatherRows(hy, h, back, batch, out[1]->data(), ctx.stream));
+      }
+      if (want_c) {
+        RETURN_IF_ERROR(out[2]->Reshape(layer_.output_type(2), batch, nullptr));
+        RETURN_IF_CUDA(
+            GatherRows(cy, h, back, batch, out[2]->data(), ctx.stream));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  const Layer& layer_;
+  RnnShape shape_;
+  const float* space_;
+  size_t space_bytes_;
+  std::vector<bool> needed_;
+};
+
+// The original GRU (reset before the product), which cuDNN does not have:
+// one input projection for the whole batch through cuBLAS, then per step
+// two products and two kernels on the live rows.
+// TODO: fuse a step into one persistent kernel; this form launches four
+// times per step from the host.
+class GruResetBeforeOp : public Op {
+ public:
+  GruResetBeforeOp(const Layer& layer, int64_t input, int64_t hidden,
+                   const float* weight_ih, const float* bias,
+                   const float* weight_hh, std::vector<bool> needed)
+      : layer_(layer),
+        input_(input),
+        hidden_(hidden),
+        weight_ih_(weight_ih),
+        bias_(bias),
+        weight_hh_(weight_hh),
+        needed_(std::move(needed)) {}
+
+  absl::Status Run(const std::vector<const DValue*>& in,
+                   const std::vector<DValue*>& out, OpState* st,
+                   const Context& ctx) const override {
+    const DValue& x = *in[0];
+    const SequenceLayout& l = *x.layout;
+    const int64_t h = hidden_, batch = l.batch();
+    // Buffers: 0 projections [rows, 3h], 1 r|z products [batch, 2h],
+    // 2 reset state, 3 n products, 4 initial state (sorted), 5 index.
+    ASSIGN_OR_RETURN(float* xproj, st->Scratch<float>(0, x.rows * 3 * h));
+    ASSIGN_OR_RETURN(float* hr, st->Scratch<float>(1, batch * 2 * h));
+    ASSIGN_OR_RETURN(float* reset, st->Scratch<float>(2, batch * h));
+    ASSIGN_OR_RETURN(float* hn, st->Scratch<float>(3, batch * h));
+    ASSIGN_OR_RETURN(float* h0, st->Scratch<float>(4, batch * h));
+    RETURN_IF_ERROR(
+        LinearProduct(ctx, weight_ih_, bias_, 3 * h, input_, x.data(), x.rows,
+                      xproj));
+    if (in.size() > 1 && in[1] != nullptr) {
+      st->host_index.resize(batch);
+      for (int64_t s = 0; s < batch; ++s) {
+        st->host_index[s] = static_cast<int32_t>(l.original_index(s));
+      }
+      ASSIGN_OR_RETURN(const int32_t* order, st->UploadIndex(5, ctx));
+      RETURN_IF_CUDA(GatherRows(in[1]->data(), h, order, batch, h0, ctx.stream));
+    } else {
+      RETURN_IF_CUDA(
+          cudaMemsetAsync(h0, 0, batch * h * sizeof(float), ctx.stream));
+    }
+    DValue& y = *out[0];
+    RETURN_IF_ERROR(y.Reshape(layer_.output_type(0), x.rows, x.layout));
+    for (int64_t t = 0; t < l.max_length(); ++t) {
+      const int64_t live = l.batch_size(t);
+      // Sorted order keeps the live rows of a step leading, so the previous
+      // step's first `live` rows are these rows' states.
+      const float* prev = t == 0 ? h0 : y.data() + l.offset(t - 1) * h;
+      const float* xt = xproj + l.offset(t) * 3 * h;
+      RETURN_IF_ERROR(
+          LinearProduct(ctx, weight_hh_, nullptr, 2 * h, h, prev, live, hr));
+      RETURN_IF_CUDA(GruResetState(xt, hr, prev, live, h, reset, ctx.stream));
+      RETURN_IF_ERROR(LinearProduct(ctx, weight_hh_ + 2 * h * h, nullptr, h, h,
+                                    reset, live, hn));
+      RETURN_IF_CUDA(GruUpdate(xt, hr, hn, prev, live, h,
+                               y.data() + l.offset(t) * h, ctx.stream));
+    }
+    if (needed_.size() > 1 && needed_[1]) {
+      st->host_index.resize(batch);
+      for (int64_t i = 0; i < batch; ++i) {
+        const int64_t s = l.sorted_position(i);
+        st->host_index[i] =
+            static_cast<int32_t>(l.row(s, l.sorted_length(s) - 1));
+      }
+      ASSIGN_OR_RETURN(const int32_t* last, st->UploadIndex(5, ctx));
+      RETURN_IF_ERROR(out[1]->Reshape(layer_.output_type(1), batch, nullptr));
+      RETURN_IF_CUDA(
+          GatherRows(y.data(), h, last, batch, out[1]->data(), ctx.stream));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  const Layer& layer_;
+  int64_t input_, hidden_;
+  const float* weight_ih_;
+  const float* bias_;
+  const float* weight_hh_;
+  std::vector<bool> needed_;
+};
+
+absl::StatusOr<RnnCell> CellOf(const Layer& layer) {
+  const std::string& type = layer.type();
+  if (type == "LongShortTermMemoryLayer") return RnnCell::kLstm;
+  if (type == "GatedRecurrentLayer") return RnnCell::kGru;
+  if (type == "BasicRecurrentLayer") {
+    return layer.spec().function() == "relu" ? RnnCell::kRelu : RnnCell::kTanh;
+  }
+  return absl::InvalidArgumentError("not a recurrent layer");
+}
+
+bool IsRecurrent(const Layer& layer) { return CellOf(layer).ok(); }
+
+// The arrays of one recurrent layer, kept alive until they are on the
+// device.
+struct LoadedRecurrent {
+  engine::Buffer<float> weight_ih, weight_hh, bias_ih, bias_hh;
+  RecurrentArrays view;
+};
+
+absl::StatusOr<LoadedRecurrent> LoadRecurrent(const Layer& layer,
+                                              int64_t input, Lowering& lw) {
+  ASSIGN_OR_RETURN(RnnCell cell, CellOf(layer));
+  const int64_t h = layer.spec().size(), g = GateCount(cell) * h;
+  LoadedRecurrent r;
+  ASSIGN_OR_RETURN(r.weight_ih, Array(layer, lw, "weight_ih", {g, input}));
+  ASSIGN_OR_RETURN(r.weight_hh, Array(layer, lw, "weight_hh", {g, h}));
+  ASSIGN_OR_RETURN(r.bias_ih, Array(layer, lw, "bias_ih", {g}));
+  ASSIGN_OR_RETURN(r.bias_hh, Array(layer, lw, "bias_hh", {g}));
+  r.view = {r.weight_ih.data(), r.weight_hh.data(), r.bias_ih.data(),
+            r.bias_hh.data(), input, h};
+  return r;
+}
+
+absl::StatusOr<std::unique_ptr<Op>> LowerRecurrent(
+    const Layer& layer, int64_t input, const std::vector<bool>& needed,
+    Lowering& lw) {
+  ASSIGN_OR_RETURN(RnnCell cell, CellOf(layer));
+  const int64_t h = layer.spec().size();
+  if (cell == RnnCell::kLstm && needed.size() > 3 && needed[3]) {
+    return Unimplemented(layer, "the cell-state sequence output 'cells'");
+  }
+  ASSIGN_OR_RETURN(LoadedRecurrent r, LoadRecurrent(layer, input, lw));
+  if (cell == RnnCell::kGru && layer.spec().reset_before()) {
+    // Every bias folds into the input projection in this form.
+    std::vector<float> bias(3 * h);
+    for (int64_t i = 0; i < 3 * h; ++i) bias[i] = r.bias_ih[i] + r.bias_hh[i];
+    ASSIGN_OR_RETURN(const float* w_ih,
+                     lw.residents->Upload(r.weight_ih.data(), 3 * h * input));
+    ASSIGN_OR_RETURN(const float* b, lw.residents->Upload(bias.data(), 3 * h));
+    ASSIGN_OR_RETURN(const float* w_hh,
+                     lw.residents->Upload(r.weight_hh.data(), 3 * h * h));
+    return std::unique_ptr<Op>(
+        new GruResetBeforeOp(layer, input, h, w_ih, b, w_hh, needed));
+  }
+  RnnShape shape{cell, input, h, false};
+  ASSIGN_OR_RETURN(auto space, UploadWeightSpace(shape, {r.view}, lw));
+  return std::unique_ptr<Op>(
+      new CudnnRnnOp(layer, shape, space.first, space.second, needed));
+}
+
+// ---------------------------------------------------------------------------
+// Operators.
+
+class NetMapOp : public Op {
+ public:
+  NetMapOp(const Layer& layer, std::unique_ptr<SubProgram> net)
+      : layer_(layer), net_(std::move(net)) {}
+  absl::Status Init(OpState* st) const override {
+    ASSIGN_OR_RETURN(auto state, net_->NewState());
+    st->nested.push_back(std::move(state));
+    return absl::OkStatus();
+  }
+  absl::Status Run(const std::vector<const DValue*>& in,
+                   const std::vector<DValue*>& out, OpState* st,
+                   const Context& ctx) const override {
+    // Row-wise ops look only at rows and widths: the packed rows are the
+    // sub-net's batch of vectors.
+    RETURN_IF_ERROR(net_->Run({in[0]}, st->nested[0].get(), ctx));
+    for (int o = 0; o < net_->num_outputs(); ++o) {
+      const DValue& v = net_->output(*st->nested[0], o);
+      RETURN_IF_ERROR(
+          out[o]->Reshape(layer_.output_type(o), v.rows, in[0]->layout));
+      RETURN_IF_CUDA(cudaMemcpyAsync(out[o]->data(), v.data(),
+                                     v.floats() * sizeof(float),
+                                     cudaMemcpyDeviceToDevice, ctx.stream));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  const Layer& layer_;
+  std::unique_ptr<SubProgram> net_;
+};
+
+enum class Join { kCatenate, kTotal, kMean };
+
+class BidirectionalOp : public Op {
+ public:
+  BidirectionalOp(const Layer& layer, Join join,
+                  std::unique_ptr<SubProgram> forward,
+                  std::unique_ptr<SubProgram> backward)
+      : layer_(layer),
+        join_(join),
+        forward_(std::move(forward)),
+        backward_(std::move(backward)) {}
+  absl::Status Init(OpState* st) const override {
+    ASSIGN_OR_RETURN(auto f, forward_->NewState());
+    ASSIGN_OR_RETURN(auto b, backward_->NewState());
+    st->nested.push_back(std::move(f));
+    st->nested.push_back(std::move(b));
+    st->values.resize(2);
+    return absl::OkStatus();
+  }
+  absl::Status Run(const std::vector<const DValue*>& in,
+                   const std::vector<DValue*>& out, OpState* st,
+                   const Context& ctx) const override {
+    const DValue& x = *in[0];
+    RETURN_IF_ERROR(forward_->Run({&x}, st->nested[0].get(), ctx));
+    DValue& reversed = st->values[0];
+    RETURN_IF_ERROR(Reverse(x, &reversed, st, 0, ctx));
+    RETURN_IF_ERROR(backward_->Run({&reversed}, st->nested[1].get(), ctx));
+    const DValue& f = forward_->output(*st->nested[0], 0);
+    const DValue* b = &backward_->output(*st->nested[1], 0);
+    if (f.type.sequence) {
+      RETURN_IF_ERROR(Reverse(*b, &st->values[1], st, 1, ctx));
+      b = &st->values[1];
+    }
+    DValue& y = *out[0];
+    RETURN_IF_ERROR(y.Reshape(layer_.output_type(0), f.rows, f.layout));
+    if (join_ == Join::kCatenate) {
+      const int64_t w = f.type.width;
+      RETURN_IF_CUDA(
+          CopyColumns(f.data(), w, f.rows, y.data(), 2 * w, 0, ctx.stream));
+      RETURN_IF_CUDA(
+          CopyColumns(b->data(), w, f.rows, y.data(), 2 * w, w, ctx.stream));
+      return absl::OkStatus();
+    }
+    RETURN_IF_CUDA(CombineElements(Combine::kAdd, f.data(), b->data(),
+                                   y.data(), y.floats(), ctx.stream));
+    if (join_ == Join::kMean) {
+      RETURN_IF_CUDA(Scale(0.5f, y.data(), y.floats(), ctx.stream));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  const Layer& layer_;
+  Join join_;
+  std::unique_ptr<SubProgram> forward_, backward_;
+};
+
+// A sub-net that is one recurrent layer reading the sub-net's input, with
+// no initial states and only its sequence read: the shape cuDNN can run in
+// both directions at once.
+const Layer* SoleRecurrentLayer(const Graph& g) {
+  if (g.num_nodes() != 1 || g.num_outputs() != 1) return nullptr;
+  const Layer& layer = g.layer(0);
+  if (!IsRecurrent(layer)) return nullptr;
+  if (layer.type() == "GatedRecurrentLayer" && layer.spec().reset_before()) {
+    return nullptr;
+  }
+  const auto& inputs = g.node_inputs(0);
+  for (size_t p = 1; p < inputs.size(); ++p) {
+    if (inputs[p]) return nullptr;
+  }
+  const Graph::Source out = g.output_source(0);
+  if (out.node != 0 || out.port != 0) return nullptr;
+  return &layer;
+}
+
+absl::StatusOr<std::unique_ptr<Op>> LowerBidirectional(const Layer& layer,
+                                                       int64_t input,
+                                                       Lowering& lw) {
+  const std::string& join = layer.spec().join();
+  Join j = Join::kCatenate;
+  if (join == "total") j = Join::kTotal;
+  if (join == "mean") j = Join::kMean;
+  const std::vector<const Graph*> nets = layer.subnets();
+  const Layer* f = SoleRecurrentLayer(*nets[0]);
+  const Layer* b = SoleRecurrentLayer(*nets[1]);
+  if (j == Join::kCatenate && f != nullptr && b != nullptr &&
+      f->type() == b->type() && f->spec().size() == b->spec().size() &&
+      f->spec().function() == b->spec().function()) {
+    // One cuDNN call for both directions: its output is the forward
+    // sequence and the (length-aware) backward one side by side, which is
+    // the catenate join.
+    ASSIGN_OR_RETURN(RnnCell cell, CellOf(*f));
+    ASSIGN_OR_RETURN(LoadedRecurrent fw, LoadRecurrent(*f, input, lw));
+    ASSIGN_OR_RETURN(LoadedRecurrent bw, LoadRecurrent(*b, input, lw));
+    RnnShape shape{cell, input, f->spec().size(), true};
+    ASSIGN_OR_RETURN(auto space,
+                     UploadWeightSpace(shape, {fw.view, bw.view}, lw));
+    return std::unique_ptr<Op>(new CudnnRnnOp(layer, shape, space.first,
+                                              space.second, {true}));
+  }
+  ASSIGN_OR_RETURN(auto forward, SubProgram::Lower(*nets[0], lw));
+  ASSIGN_OR_RETURN(auto backward, SubProgram::Lower(*nets[1], lw));
+  return std::unique_ptr<Op>(
+      new BidirectionalOp(layer, j, std::move(forward), std::move(backward)));
+}
+
+const std::map<std::string, Activation>& Activations() {
+  static const auto* functions = new std::map<std::string, Activation>{
+      {"tanh", Activation::kTanh},         {"sigmoid", Activation::kSigmoid},
+      {"relu", Activation::kRelu},         {"elu", Activation::kElu},
+      {"softplus", Activation::kSoftplus}, {"gelu", Activation::kGelu},
+      {"identity", Activation::kIdentity}, {"negate", Activation::kNegate},
+      {"one_minus", Activation::kOneMinus}, {"exp", Activation::kExp},
+      {"square", Activation::kSquare},
+  };
+  return *functions;
+}
+
+// The op for one node. `input` is the width of the node's first input;
+// `needed` says which of its output ports anything reads.
+absl::StatusOr<std::unique_ptr<Op>> LowerNode(const Layer& layer,
+                                              int64_t input,
+                                              const std::vector<bool>& needed,
+                                              Lowering& lw) {
+  const std::string& type = layer.type();
+  if (type == "EmbeddingLayer") {
+    const int64_t d = layer.output_type(0).width;
+    ASSIGN_OR_RETURN(auto table, Array(layer, lw, "weight", {input, d}));
+    ASSIGN_OR_RETURN(const float* t, lw.residents->Upload(table.data(),
+                                                           input * d));
+    return std::unique_ptr<Op>(new EmbeddingOp(layer, t));
+  }
+  if (type == "LinearLayer") {
+    const int64_t n = layer.output_type(0).width;
+    ASSIGN_OR_RETURN(auto w, Array(layer, lw, "weight", {n, input}));
+    ASSIGN_OR_RETURN(auto b, Array(layer, lw, "bias", {n}));
+    ASSIGN_OR_RETURN(const float* dw, lw.residents->Upload(w.data(), n * input));
+    ASSIGN_OR_RETURN(const float* db, lw.residents->Upload(b.data(), n));
+    return std::unique_ptr<Op>(new LinearOp(layer, input, dw, db));
+  }
+  if (type == "ElementwiseLayer") {
+    auto it = Activations().find(layer.spec().function());
+    if (it == Activations().end()) {
+      return Unimplemented(layer, "function '" + layer.spec().function() + "'");
+    }
+    return std::unique_ptr<Op>(new ActivationOp(layer, it->second));
+  }
+  if (type == "SoftmaxLayer") return std::unique_ptr<Op>(new SoftmaxOp(layer));
+  if (type == "CatenateLayer") {
+    return std::unique_ptr<Op>(new CombineOp(layer, std::nullopt));
+  }
+  if (type == "TotalLayer" || type == "DropoutLayer" || type == "ReshapeLayer") {
+    // One input: a copy; several: their sum.
+    return std::unique_ptr<Op>(new CombineOp(layer, Combine::kAdd));
+  }
+  if (type == "TimesLayer") {
+    return std::unique_ptr<Op>(new CombineOp(layer, Combine::kMultiply));
+  }
+  if (type == "SubtractLayer") {
+    return std::unique_ptr<Op>(new CombineOp(layer, Combine::kSubtract));
+  }
+  if (type == "SequenceLastLayer") {
+    return std::unique_ptr<Op>(new SequenceLastOp(layer));
+  }
+  if (type == "SequenceReverseLayer") {
+    return std::unique_ptr<Op>(new SequenceReverseOp());
+  }
+  if (type == "SequenceMostLayer" || type == "SequenceRestLayer") {
+    return std::unique_ptr<Op>(
+        new DropOneOp(layer, type == "SequenceRestLayer"));
+  }
+  if (IsRecurrent(layer)) return LowerRecurrent(layer, input, needed, lw);
+  if (type == "NetMapOperator") {
+    ASSIGN_OR_RETURN(auto net, SubProgram::Lower(*layer.subnets()[0], lw));
+    return std::unique_ptr<Op>(new NetMapOp(layer, std::move(net)));
+  }
+  if (type == "NetBidirectionalOperator") {
+    return LowerBidirectional(layer, input, lw);
+  }
+  // TODO: AttentionLayer, NetFold(List)Operator and NetNest(List)Operator
+  // on the device; until then such nets run on the CPU engine.
+  return Unimplemented(layer, "this layer type");
+}
+
+absl::StatusOr<std::unique_ptr<SubProgram>> SubProgram::Lower(
+    const Graph& graph, Lowering& lw) {
+  auto program = std::make_unique<SubProgram>();
+  // Which output ports anything reads.
+  std::vector<std::vector<bool>> needed(graph.num_nodes());
+  for (int n = 0; n < graph.num_nodes(); ++n) {
+    needed[n].assign(graph.layer(n).num_outputs(), false);
+  }
+  auto mark = [&](Graph::Source s) {
+    if (s.node >= 0) needed[s.node][s.port] = true;
+  };
+  for (int n = 0; n < graph.num_nodes(); ++n) {
+    for (const auto& s : graph.node_inputs(n)) {
+      if (s) mark(*s);
+    }
+  }
+  for (int o = 0; o < graph.num_outputs(); ++o) mark(graph.output_source(o));
+
+  for (int n = 0; n < graph.num_nodes(); ++n) {
+    const Layer& layer = graph.layer(n);
+    const auto& inputs = graph.node_inputs(n);
+    int64_t width = 0;
+    if (!inputs.empty() && inputs[0]) {
+      const Graph::Source s = *inputs[0];
+      width = s.node < 0 ? graph.input_type(-1 - s.node).width
+                         : graph.layer(s.node).output_type(s.port).width;
+    }
+    ASSIGN_OR_RETURN(std::unique_ptr<Op> op,
+                     LowerNode(layer, width, needed[n], lw));
+    program->nodes_.push_back(Node{std::move(op), inputs, layer.num_outputs()});
+  }
+  for (int o = 0; o < graph.num_outputs(); ++o) {
+    program->outputs_.push_back(graph.output_source(o));
+  }
+  return program;
+}
+
+// ---------------------------------------------------------------------------
+// The program and its workspaces.
+
+class CudaWorkspace : public DeviceWorkspace {
+ public:
+  ~CudaWorkspace() override {
+    state.reset();
+    inputs.clear();
+    if (ctx.cudnn != nullptr) cudnnDestroy(ctx.cudnn);
+    if (ctx.cublas != nullptr) cublasDestroy(ctx.cublas);
+    if (ctx.stream != nullptr) cudaStreamDestroy(ctx.stream);
+  }
+
+  Context ctx;
+  std::unique_ptr<ProgramState> state;
+  std::vector<DValue> inputs;
+  std::vector<Value> outputs;
+};
+
+absl::Status CreateHandles(int device, Context* ctx) {
+  ctx->device = device;
+  RETURN_IF_CUDA(cudaSetDevice(device));
+  RETURN_IF_CUDA(cudaStreamCreateWithFlags(&ctx->stream, cudaStreamNonBlocking));
+  RETURN_IF_CUBLAS(cublasCreate(&ctx->cublas));
+  RETURN_IF_CUBLAS(cublasSetStream(ctx->cublas, ctx->stream));
+  RETURN_IF_CUDNN(cudnnCreate(&ctx->cudnn));
+  RETURN_IF_CUDNN(cudnnSetStream(ctx->cudnn, ctx->stream));
+  return absl::OkStatus();
+}
+
+class CudaProgram : public DeviceProgram {
+ public:
+  CudaProgram(DeviceInfo info, Residents residents,
+              std::unique_ptr<SubProgram> main)
+      : info_(std::move(info)),
+        residents_(std::move(residents)),
+        main_(std::move(main)) {}
+
+  std::string device_name() const override {
+    return absl::StrFormat("cuda:%d (%s)", info_.ordinal, info_.name);
+  }
+  int64_t resident_bytes() const override { return residents_.bytes; }
+
+  absl::StatusOr<std::unique_ptr<DeviceWorkspace>> NewWorkspace()
+      const override {
+    auto ws = std::make_unique<CudaWorkspace>();
+    RETURN_IF_ERROR(CreateHandles(info_.ordinal, &ws->ctx));
+    ASSIGN_OR_RETURN(ws->state, main_->NewState());
+    return ws;
+  }
+
+  absl::Status Run(absl::Span<const Value* const> inputs,
+                   DeviceWorkspace* workspace,
+                   std::vector<const Value*>* outputs) const override {
+    auto* ws = static_cast<CudaWorkspace*>(workspace);
+    const Context& ctx = ws->ctx;
+    RETURN_IF_CUDA(cudaSetDevice(ctx.device));
+    ws->inputs.resize(inputs.size());
+    std::vector<const DValue*> in;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      const Value& v = *inputs[i];
+      DValue& d = ws->inputs[i];
+      RETURN_IF_ERROR(d.Reshape(v.type, v.rows, v.layout));
+      const void* src = v.type.tokens ? static_cast<const void*>(v.ids.data())
+                                      : static_cast<const void*>(v.data.data());
+      const size_t bytes =
+          v.rows * (v.type.tokens ? sizeof(int32_t) : v.type.width * 4);
+      RETURN_IF_CUDA(cudaMemcpyAsync(d.buffer.as<void>(), src, bytes,
+                                     cudaMemcpyHostToDevice, ctx.stream));
+      in.push_back(&d);
+    }
+    RETURN_IF_ERROR(main_->Run(in, ws->state.get(), ctx));
+    ws->outputs.resize(main_->num_outputs());
+    outputs->resize(main_->num_outputs());
+    for (int o = 0; o < main_->num_outputs(); ++o) {
+      const DValue& d = main_->output(*ws->state, o);
+      Value& v = ws->outputs[o];
+      v.Reshape(d.type, d.rows, d.layout);
+      RETURN_IF_CUDA(cudaMemcpyAsync(v.data.data(), d.data(),
+                                     d.floats() * sizeof(float),
+                                     cudaMemcpyDeviceToHost, ctx.stream));
+      (*outputs)[o] = &v;
+    }
+    RETURN_IF_CUDA(cudaStreamSynchronize(ctx.stream));
+    return absl::OkStatus();
+  }
+
+ private:
+  DeviceInfo info_;
+  Residents residents_;
+  std::unique_ptr<SubProgram> main_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<DeviceProgram>> Compile(
+    const Graph& graph, WeightSource* weights, const NetOptions& options) {
+  if (options.precision != Precision::kFp32) {
+    // TODO: reduced-precision weight spaces (cuDNN dataType HALF or BFLOAT16
+    // with tensor-op math) and cublasGemmEx for the products.
+    return absl::UnimplementedError(absl::StrFormat(
+        "precision %s is not implemented by the CUDA backend yet; use fp32",
+        PrecisionName(options.precision)));
+  }
+  ASSIGN_OR_RETURN(DeviceInfo info, ProbeDevice(options.device.ordinal));
+  const int64_t needed = graph.parameter_count() * int64_t{sizeof(float)};
+  const int64_t budget = options.device_memory_budget;
+  if (budget > 0 && needed > budget) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "the weights need %d bytes of device memory; the budget is %d bytes",
+        needed, budget));
+  }
+  if (needed > info.free_bytes) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "the weights need %d bytes of device memory; %s has %d bytes free",
+        needed, options.device.ToString(), info.free_bytes));
+  }
+  Context compile_ctx;
+  struct Release {
+    Context* c;
+    ~Release() {
+      if (c->cudnn) cudnnDestroy(c->cudnn);
+      if (c->cublas) cublasDestroy(c->cublas);
+      if (c->stream) cudaStreamDestroy(c->stream);
+    }
+  } release{&compile_ctx};
+  RETURN_IF_ERROR(CreateHandles(info.ordinal, &compile_ctx));
+  Residents residents;
+  Lowering lw{weights, &residents, compile_ctx.cudnn};
+  ASSIGN_OR_RETURN(auto main, SubProgram::Lower(graph, lw));
+  if (budget > 0 && residents.bytes > budget) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "the weights take %d bytes of device memory (cuDNN's weight spaces "
+        "included); the budget is %d bytes",
+        residents.bytes, budget));
+  }
+  return std::unique_ptr<DeviceProgram>(
+      new CudaProgram(std::move(info), std::move(residents), std::move(main)));
+}
+
+}  // namespace rnnserve::engine::cuda
