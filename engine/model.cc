@@ -8,7 +8,7 @@
 namespace rnnserve::engine {
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(
-    const std::string& version_dir) {
+    const std::string& version_dir, const NetOptions& options) {
   const std::string net_path = version_dir + "/net.pbtxt";
   v1::NetSpec spec;
   RETURN_IF_ERROR(ReadTextProto(net_path, &spec));
@@ -16,7 +16,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(
                    SafetensorsFile::Open(version_dir + "/weights.safetensors"));
 
   auto model = std::unique_ptr<Model>(new Model());
-  auto net = Net::Create(spec, std::move(weights));
+  auto net = Net::Create(spec, std::move(weights), options);
   if (!net.ok()) {
     // Array errors already name the weights file; structural ones get the
     // description's path.

@@ -20,8 +20,9 @@ class Model {
   // INVALID_ARGUMENT for a malformed description, an unknown layer, or
   // arrays that do not match it, DATA_LOSS for a truncated or corrupt
   // weights file.
+  // `options` choose the device (see Net::Create).
   static absl::StatusOr<std::unique_ptr<Model>> Load(
-      const std::string& version_dir);
+      const std::string& version_dir, const NetOptions& options = {});
 
   const Net& net() const { return *net_; }
   const v1::NetSpec& spec() const { return net_->spec(); }

@@ -242,8 +242,12 @@ absl::Status RunInference(const ModelRepository& repository,
   engine::NetOutputs outputs;
   engine::Execution exec = served->Acquire();
   absl::Status run;
-  {
+  if (model.net().options().device.kind == engine::DeviceKind::kCpu) {
     absl::MutexLock lock(&repository.run_mutex());
+    run = model.net().Run(inputs, &exec, &outputs);
+  } else {
+    // A device net runs on its execution's own stream; the host work is
+    // only packing, so device nets run side by side.
     run = model.net().Run(inputs, &exec, &outputs);
   }
   served->Release(std::move(exec));
@@ -285,8 +289,8 @@ v1::ModelInfo DescribeModel(const ModelEntry& entry,
   info.set_description(entry.config.description());
   info.set_max_sequence_length(entry.limits.max_sequence_length);
   info.set_max_batch_size(entry.limits.max_batch_size);
-  info.set_device(entry.config.device().empty() ? "cpu"
-                                                : entry.config.device());
+  info.set_device(entry.options.device.ToString());
+  info.set_precision(engine::PrecisionName(entry.options.precision));
   for (const auto& [v, served] : entry.versions) info.add_versions(v);
   if (version == nullptr) {
     info.set_state(v1::ModelInfo::FAILED);
@@ -298,6 +302,7 @@ v1::ModelInfo DescribeModel(const ModelEntry& entry,
   const engine::Model& model = version->model();
   const v1::NetSpec& spec = model.spec();
   info.set_parameter_count(model.net().parameter_count());
+  info.set_device_memory_bytes(model.net().device_bytes());
   for (const v1::LayerSpec& layer : spec.layers()) {
     info.add_layers(layer.type());
   }

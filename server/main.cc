@@ -24,6 +24,9 @@ ABSL_FLAG(std::string, model_repository, "",
 ABSL_FLAG(std::string, host, "127.0.0.1",
           "Address to listen on; 0.0.0.0 listens on every interface.");
 ABSL_FLAG(int, grpc_port, 8500, "gRPC port; 0 picks a free one.");
+ABSL_FLAG(std::string, device, "cpu",
+          "Device of the models whose config.pbtxt names none: cpu or "
+          "cuda:N.");
 ABSL_FLAG(int, drain_seconds, 30,
           "On SIGTERM or SIGINT, how long calls in flight may take to finish "
           "before they are cancelled.");
@@ -48,10 +51,17 @@ int Serve() {
 
   Log('I',
       "rnnserve starting: model_repository=%s host=%s grpc_port=%d "
-      "drain_seconds=%d",
+      "device=%s drain_seconds=%d",
       root, absl::GetFlag(FLAGS_host), absl::GetFlag(FLAGS_grpc_port),
-      absl::GetFlag(FLAGS_drain_seconds));
-  auto repository = ModelRepository::Create({root});
+      absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_drain_seconds));
+  absl::StatusOr<engine::DeviceId> device =
+      engine::ParseDevice(absl::GetFlag(FLAGS_device));
+  if (!device.ok()) {
+    std::fprintf(stderr, "rnnserve: --device: %s\n",
+                 std::string(device.status().message()).c_str());
+    return 2;
+  }
+  auto repository = ModelRepository::Create({root, *device});
   if (!repository.ok()) {
     Log('E', "%s", repository.status().ToString());
     return 1;

@@ -5,6 +5,7 @@
 #include <system_error>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "engine/status_macros.h"
@@ -39,7 +40,8 @@ namespace {
 
 // Checks the configuration and fills in its defaults.
 absl::Status ApplyConfig(const v1::ModelConfig& config, const std::string& name,
-                         ServingLimits* limits) {
+                         const engine::DeviceId& default_device,
+                         ServingLimits* limits, engine::NetOptions* options) {
   if (!config.name().empty() && config.name() != name) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "config.pbtxt names the model '%s' but its folder is '%s'",
@@ -56,19 +58,29 @@ absl::Status ApplyConfig(const v1::ModelConfig& config, const std::string& name,
   if (config.max_batch_size() > 0) {
     limits->max_batch_size = config.max_batch_size();
   }
-  const std::string& device = config.device();
-  if (!device.empty() && device != "cpu") {
-    if (device.rfind("cuda", 0) == 0) {
-      // TODO: the CUDA engine is not written yet; GPU models are refused
-      // until it is.
-      return absl::UnimplementedError(absl::StrFormat(
-          "config.pbtxt asks for device '%s'; this build runs models on "
-          "'cpu' only",
-          device));
+  if (config.device().empty()) {
+    options->device = default_device;
+  } else {
+    absl::StatusOr<engine::DeviceId> device =
+        engine::ParseDevice(config.device());
+    if (!device.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("config.pbtxt: ", device.status().message()));
     }
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "config.pbtxt: unknown device '%s' (use 'cpu')", device));
+    options->device = *device;
   }
+  absl::StatusOr<engine::Precision> precision =
+      engine::ParsePrecision(config.precision());
+  if (!precision.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.pbtxt: ", precision.status().message()));
+  }
+  options->precision = *precision;
+  if (config.device_memory_budget_bytes() < 0) {
+    return absl::InvalidArgumentError(
+        "config.pbtxt: device_memory_budget_bytes must not be negative");
+  }
+  options->device_memory_budget = config.device_memory_budget_bytes();
   return absl::OkStatus();
 }
 
@@ -102,7 +114,8 @@ absl::Status LoadVersions(const std::string& dir, ModelEntry* entry) {
           "config.pbtxt lists version %d but %s/%d does not exist", v, dir, v));
     }
     ASSIGN_OR_RETURN(auto model,
-                     engine::Model::Load(absl::StrFormat("%s/%d", dir, v)));
+                     engine::Model::Load(absl::StrFormat("%s/%d", dir, v),
+                                         entry->options));
     entry->versions[v] = std::make_shared<ServedVersion>(v, std::move(model));
   }
   return absl::OkStatus();
@@ -110,7 +123,8 @@ absl::Status LoadVersions(const std::string& dir, ModelEntry* entry) {
 
 }  // namespace
 
-ModelEntry LoadModelFolder(const std::string& dir, const std::string& name) {
+ModelEntry LoadModelFolder(const std::string& dir, const std::string& name,
+                           const engine::DeviceId& default_device) {
   ModelEntry entry;
   entry.name = name;
   absl::Status status;
@@ -118,7 +132,10 @@ ModelEntry LoadModelFolder(const std::string& dir, const std::string& name) {
   if (fs::exists(config_path)) {
     status = engine::ReadTextProto(config_path, &entry.config);
   }
-  if (status.ok()) status = ApplyConfig(entry.config, name, &entry.limits);
+  if (status.ok()) {
+    status = ApplyConfig(entry.config, name, default_device, &entry.limits,
+                         &entry.options);
+  }
   if (status.ok()) status = LoadVersions(dir, &entry);
   if (!status.ok()) {
     entry.versions.clear();
@@ -127,8 +144,9 @@ ModelEntry LoadModelFolder(const std::string& dir, const std::string& name) {
     return entry;
   }
   for (const auto& [v, served] : entry.versions) {
-    Log('I', "loaded model '%s' version %d (%d parameters)", name, v,
-        served->model().net().parameter_count());
+    const engine::Net& net = served->model().net();
+    Log('I', "loaded model '%s' version %d (%d parameters) on %s", name, v,
+        net.parameter_count(), net.device_name());
   }
   return entry;
 }
@@ -149,7 +167,8 @@ absl::StatusOr<std::unique_ptr<ModelRepository>> ModelRepository::Create(
 
   auto repo = std::unique_ptr<ModelRepository>(new ModelRepository());
   for (const std::string& name : names) {
-    repo->models_.push_back(LoadModelFolder(options.root + "/" + name, name));
+    repo->models_.push_back(LoadModelFolder(options.root + "/" + name, name,
+                                            options.default_device));
   }
   return repo;
 }

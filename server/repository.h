@@ -54,6 +54,9 @@ struct ModelEntry {
   std::string name;
   v1::ModelConfig config;
   ServingLimits limits;
+  // Where and how the versions run, from the config and the daemon's
+  // default device.
+  engine::NetOptions options;
   // Served versions by number; empty when the model failed.
   std::map<int64_t, std::shared_ptr<ServedVersion>> versions;
   // Why the model is not served; empty when it is.
@@ -65,6 +68,8 @@ class ModelRepository {
   struct Options {
     // The repository folder.
     std::string root;
+    // The device of models whose config.pbtxt names none.
+    engine::DeviceId default_device;
   };
 
   // Scans `options.root` and loads every model. NOT_FOUND when the folder
@@ -84,7 +89,7 @@ class ModelRepository {
   absl::StatusOr<std::shared_ptr<ServedVersion>> Resolve(
       const std::string& name, int64_t version) const;
 
-  // Held while a net runs. Each run already spreads its matrix products
+  // Held while a CPU net runs. Each run already spreads its matrix products
   // over every core, so running requests one at a time gives the same
   // throughput without oversubscribing the cores (two OpenMP teams on two
   // cores spin against each other and both slow down many times over).
@@ -98,6 +103,7 @@ class ModelRepository {
 };
 
 // Loads one model folder; exposed for tests.
-ModelEntry LoadModelFolder(const std::string& dir, const std::string& name);
+ModelEntry LoadModelFolder(const std::string& dir, const std::string& name,
+                           const engine::DeviceId& default_device = {});
 
 }  // namespace rnnserve::server
