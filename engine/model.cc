@@ -18,10 +18,11 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(
   auto model = std::unique_ptr<Model>(new Model());
   auto net = Net::Create(spec, std::move(weights), options);
   if (!net.ok()) {
-    // Array errors already name the weights file; structural ones get the
-    // description's path.
+    // Array errors already name the weights file and device errors the
+    // device; structural ones get the description's path.
     const absl::string_view message = net.status().message();
-    if (absl::StrContains(message, "weights.safetensors")) {
+    if (absl::StrContains(message, "weights.safetensors") ||
+        absl::StartsWith(message, "device ")) {
       return net.status();
     }
     return absl::Status(net.status().code(),

@@ -80,8 +80,15 @@ absl::StatusOr<std::unique_ptr<Net>> Net::Create(
   RETURN_IF_ERROR(source.Finish());
   if (options.device.kind == DeviceKind::kCuda) {
 #ifdef RNNSERVE_WITH_CUDA
-    ASSIGN_OR_RETURN(net->program_,
-                     cuda::Compile(*net->graph_, &source, options));
+    absl::StatusOr<std::unique_ptr<DeviceProgram>> program =
+        cuda::Compile(*net->graph_, &source, options);
+    if (!program.ok()) {
+      return absl::Status(program.status().code(),
+                          absl::StrFormat("device %s: %s",
+                                          options.device.ToString(),
+                                          program.status().message()));
+    }
+    net->program_ = std::move(*program);
 #else
     return absl::FailedPreconditionError(absl::StrFormat(
         "device %s asked for, but this build of rnnserve has no CUDA backend "

@@ -73,7 +73,8 @@ class Net {
   // dtype mismatches, arrays in the file that no layer uses.
   //
   // `options` choose the device: the CPU engine by default; a CUDA device
-  // compiles the graph for it (engine/cuda/), which fails with
+  // compiles the graph for it (engine/cuda/), which fails, with a message
+  // that starts "device cuda:N: ",
   // FAILED_PRECONDITION when the build has no CUDA backend or the device is
   // absent, UNIMPLEMENTED naming the first layer the backend cannot run
   // yet, and RESOURCE_EXHAUSTED with the figures when the weights do not

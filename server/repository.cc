@@ -76,6 +76,13 @@ absl::Status ApplyConfig(const v1::ModelConfig& config, const std::string& name,
         absl::StrCat("config.pbtxt: ", precision.status().message()));
   }
   options->precision = *precision;
+  if (options->device.kind == engine::DeviceKind::kCpu &&
+      options->precision != engine::Precision::kFp32) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "config.pbtxt: precision %s needs a CUDA device; this model runs on "
+        "the CPU, which computes in fp32",
+        config.precision()));
+  }
   if (config.device_memory_budget_bytes() < 0) {
     return absl::InvalidArgumentError(
         "config.pbtxt: device_memory_budget_bytes must not be negative");

@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "engine/cuda/check.h"
 #include "engine/cuda/kernels.h"
@@ -22,7 +23,13 @@ namespace rnnserve::engine::cuda {
 
 absl::StatusOr<DeviceInfo> ProbeDevice(int ordinal) {
   int count = 0;
-  RETURN_IF_CUDA(cudaGetDeviceCount(&count));
+  const absl::Status counted =
+      CudaStatus(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
+  if (!counted.ok()) {
+    return absl::Status(counted.code(),
+                        absl::StrCat("no usable CUDA device: ",
+                                     counted.message()));
+  }
   if (count == 0) {
     return absl::FailedPreconditionError("this machine has no CUDA device");
   }

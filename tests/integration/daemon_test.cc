@@ -62,6 +62,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using ::google::protobuf::util::MessageDifferencer;
+using ::testing::AnyOf;
 using ::testing::ElementsAre;
 using ::testing::ElementsAreArray;
 using ::testing::HasSubstr;
@@ -561,6 +562,9 @@ const std::vector<BrokenModel>& BrokenModels() {
        "weights.safetensors",
        {"linear.weight", "[3, 4]", "[2, 4]"}},
       {"bad_syntax", "net.pbtxt:3:", {}},
+      {"bad_device", "config.pbtxt", {"unknown device 'tpu:0'"}},
+      {"bad_precision", "config.pbtxt", {"unknown precision 'fp8'"}},
+      {"cpu_half", "config.pbtxt", {"precision fp16 needs a CUDA device"}},
       {"truncated_weights", "weights.safetensors", {"truncated"}},
   };
   return *models;
@@ -605,6 +609,29 @@ void WriteBrokenModels(const fs::path& repository) {
       {{"layers { name: \"gru\" type:", "layers { name \"gru\" type:"}});
   ASSERT_NO_FATAL_FAILURE(
       WriteTinyLikeModel(repository, "bad_syntax", syntax_error, TinyArrays()));
+
+  // Devices and precisions no build understands, and reduced precision on
+  // the CPU.
+  for (const auto& [name, config] :
+       std::vector<std::pair<std::string, std::string>>{
+           {"bad_device", "device: \"tpu:0\"\n"},
+           {"bad_precision", "precision: \"fp8\"\n"},
+           {"cpu_half", "device: \"cpu\"\nprecision: \"fp16\"\n"}}) {
+    ASSERT_NO_FATAL_FAILURE(
+        WriteTinyLikeModel(repository, name, kTinyNet, TinyArrays()));
+    ASSERT_NO_FATAL_FAILURE(
+        WriteFile(repository / name / "config.pbtxt", kTinyConfig + config));
+  }
+}
+
+// The tiny model on GPU 0: served where the build has the CUDA backend and
+// the machine a GPU, refused with the reason everywhere else.
+void WriteGpuModel(const fs::path& repository) {
+  ASSERT_NO_FATAL_FAILURE(
+      WriteTinyLikeModel(repository, "tiny_gpu", kTinyNet, TinyArrays()));
+  ASSERT_NO_FATAL_FAILURE(
+      WriteFile(repository / "tiny_gpu" / "config.pbtxt",
+                absl::StrCat(kTinyConfig, "device: \"cuda:0\"\n")));
 }
 
 // --- Requests and checks --------------------------------------------------
@@ -685,10 +712,11 @@ void ExpectWellFormedClasses(const v1::ClassResult& result,
 
 // Checks a tiny-model response against TinyReference, instance by instance.
 void ExpectTinyResponse(const v1::InferResponse& response,
-                        const std::vector<std::vector<float>>& seqs) {
+                        const std::vector<std::vector<float>>& seqs,
+                        const std::string& model = "tiny") {
   const std::vector<std::string> labels(std::begin(kTinyLabels),
                                         std::end(kTinyLabels));
-  EXPECT_EQ(response.model(), "tiny");
+  EXPECT_EQ(response.model(), model);
   EXPECT_EQ(response.version(), 1);
   ASSERT_EQ(response.results_size(), static_cast<int>(seqs.size()));
   for (size_t i = 0; i < seqs.size(); ++i) {
@@ -738,6 +766,7 @@ class DaemonTest : public ::testing::Test {
     ASSERT_NO_FATAL_FAILURE(WriteTinyLikeModel(repository, "tiny_state",
                                                kTinyStateNet, TinyArrays()));
     ASSERT_NO_FATAL_FAILURE(WriteBrokenModels(repository));
+    ASSERT_NO_FATAL_FAILURE(WriteGpuModel(repository));
     // A missing example is reported by the tests that need it, so that the
     // other tests still run.
     if (fs::exists(fs::path(kExampleDir))) {
@@ -892,7 +921,8 @@ TEST_F(DaemonTest, ListModelsShowsEveryModelWithItsStateAndReason) {
   absl::StatusOr<v1::ListModelsResponse> list = client().ListModels();
   ASSERT_TRUE(list.ok()) << list.status();
 
-  std::vector<std::string> expected = {"tiny", "tiny_state", "tagger"};
+  std::vector<std::string> expected = {"tiny", "tiny_state", "tiny_gpu",
+                                       "tagger"};
   if (fs::exists(fs::path(kExampleDir))) expected.push_back("brackets");
   for (const BrokenModel& broken : BrokenModels()) {
     expected.push_back(broken.name);
@@ -947,6 +977,9 @@ TEST_F(DaemonTest, ListModelsShowsEveryModelWithItsStateAndReason) {
       EXPECT_FALSE(model.inputs(1).sequence());
       ASSERT_EQ(model.outputs_size(), 2);
       EXPECT_EQ(model.outputs(1).name(), "final");
+    } else if (model.name() == "tiny_gpu") {
+      EXPECT_EQ(model.device(), "cuda:0");
+      EXPECT_EQ(model.precision(), "fp32");
     } else if (model.name() == "tagger") {
       EXPECT_EQ(model.state(), v1::ModelInfo::READY) << model.reason();
       EXPECT_EQ(model.inputs(0).encoder(), "characters");
@@ -1144,6 +1177,40 @@ TEST_F(DaemonTest, InferOnFailedModelIsFailedPreconditionWithTheReason) {
     ExpectRefused(VectorRequest(broken.name, {TinySequence(2, 1)}),
                   absl::StatusCode::kFailedPrecondition, fragments);
   }
+}
+
+TEST_F(DaemonTest, GpuModelIsServedLikeTheCpuOneOrRefusedWithTheReason) {
+  absl::StatusOr<v1::ModelInfo> info = client().GetModel("tiny_gpu");
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->device(), "cuda:0");
+  const std::vector<std::vector<float>> seqs = GoodTinySequences();
+  if (info->state() == v1::ModelInfo::READY) {
+    // A GPU is here: the same answers as the CPU model, within 1e-5.
+    EXPECT_GT(info->device_memory_bytes(), 0);
+    absl::StatusOr<v1::InferResponse> gpu =
+        client().Infer(VectorRequest("tiny_gpu", seqs));
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    ExpectTinyResponse(*gpu, seqs, "tiny_gpu");
+    return;
+  }
+  // No usable GPU or no CUDA backend: the reason says which, and names the
+  // device; requests get FAILED_PRECONDITION with it.
+  EXPECT_THAT(info->reason(), HasSubstr("device cuda:0: "));
+  EXPECT_THAT(info->reason(),
+              AnyOf(HasSubstr("cudaGetDeviceCount failed"),
+                    HasSubstr("no CUDA device"), HasSubstr("no CUDA backend")));
+  ExpectRefused(VectorRequest("tiny_gpu", seqs),
+                absl::StatusCode::kFailedPrecondition,
+                {"tiny_gpu", "device cuda:0"});
+}
+
+TEST(DaemonFlagsTest, UnknownDeviceFlagExitsTwoNamingIt) {
+  TempFolder folder;
+  CommandResult result = RunCommand(
+      absl::StrCat(kDaemonPath, " --model_repository=",
+                   ShellQuote(folder.path().string()), " --device=tpu:0"));
+  EXPECT_EQ(result.exit_code, 2) << result.output;
+  EXPECT_THAT(result.output, HasSubstr("--device: unknown device 'tpu:0'"));
 }
 
 TEST_F(DaemonTest, EmptySequencesAreInvalid) {
