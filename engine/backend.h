@@ -24,11 +24,20 @@ namespace rnnserve::engine {
 class Graph;
 class WeightSource;
 
+// Where the time of a device run went, measured on the device.
+struct DeviceTimings {
+  float upload_ms = 0;    // the packed inputs, host to device
+  float compute_ms = 0;   // every layer
+  float download_ms = 0;  // the packed outputs, device to host
+};
+
 // The per-thread state of a program: its stream, library handles and
 // working memory, which grow to the largest batch seen and are reused.
 class DeviceWorkspace {
  public:
   virtual ~DeviceWorkspace() = default;
+  // The timings of the last run.
+  virtual DeviceTimings timings() const = 0;
 };
 
 // Immutable once compiled; one program serves many threads, each with its

@@ -50,6 +50,10 @@ Execution::~Execution() = default;
 Execution::Execution(Execution&&) noexcept = default;
 Execution& Execution::operator=(Execution&&) noexcept = default;
 
+DeviceTimings Execution::device_timings() const {
+  return device_ ? device_->timings() : DeviceTimings{};
+}
+
 Net::~Net() = default;
 
 absl::StatusOr<std::unique_ptr<Net>> Net::Create(

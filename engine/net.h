@@ -139,6 +139,10 @@ class Execution {
   Execution(Execution&&) noexcept;
   Execution& operator=(Execution&&) noexcept;
 
+  // For a net on a device: where the time of the last run went; zeros
+  // before the first run and on the CPU.
+  DeviceTimings device_timings() const;
+
  private:
   friend class Net;
 

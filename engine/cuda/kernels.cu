@@ -162,6 +162,64 @@ __global__ void GruUpdateKernel(const float* __restrict__ x,
   }
 }
 
+__global__ void ScatterRowsKernel(const float* __restrict__ x, int64_t width,
+                                  const int32_t* __restrict__ index,
+                                  int64_t rows, float* __restrict__ pool) {
+  const int64_t n = rows * width;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / width, j = i - r * width;
+    pool[int64_t{index[r]} * width + j] = x[i];
+  }
+}
+
+__global__ void LstmStepKernel(const float* __restrict__ gx,
+                               const float* __restrict__ gh, int64_t rows,
+                               int64_t h, float* __restrict__ state,
+                               float* __restrict__ cell) {
+  const int64_t n = rows * h;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / h, j = i - r * h;
+    const float* x = gx + r * 4 * h + j;
+    const float* g = gh + r * 4 * h + j;
+    const float in = Sigmoid(x[0] + g[0]);
+    const float forget = Sigmoid(x[h] + g[h]);
+    const float candidate = tanhf(x[2 * h] + g[2 * h]);
+    const float out = Sigmoid(x[3 * h] + g[3 * h]);
+    const float c = forget * cell[i] + in * candidate;
+    cell[i] = c;
+    state[i] = out * tanhf(c);
+  }
+}
+
+__global__ void GruStepKernel(const float* __restrict__ gx,
+                              const float* __restrict__ gh, int64_t rows,
+                              int64_t h, float* __restrict__ state) {
+  const int64_t n = rows * h;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / h, j = i - r * h;
+    const float* x = gx + r * 3 * h + j;
+    const float* g = gh + r * 3 * h + j;
+    const float reset = Sigmoid(x[0] + g[0]);
+    const float update = Sigmoid(x[h] + g[h]);
+    const float candidate = tanhf(x[2 * h] + reset * g[2 * h]);
+    state[i] = (1.0f - update) * candidate + update * state[i];
+  }
+}
+
+__global__ void RnnStepKernel(const float* __restrict__ gx,
+                              const float* __restrict__ gh, int64_t rows,
+                              int64_t h, bool relu, float* __restrict__ state) {
+  const int64_t n = rows * h;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const float v = gx[i] + gh[i];
+    state[i] = relu ? fmaxf(v, 0.0f) : tanhf(v);
+  }
+}
+
 }  // namespace
 
 cudaError_t GatherRows(const float* x, int64_t width, const int32_t* index,
@@ -234,6 +292,39 @@ cudaError_t GruUpdate(const float* x, const float* hr, const float* hn,
   if (rows == 0) return cudaSuccess;
   GruUpdateKernel<<<Blocks(rows * h), kThreads, 0, stream>>>(x, hr, hn, prev,
                                                              rows, h, next);
+  return cudaGetLastError();
+}
+
+cudaError_t ScatterRows(const float* x, int64_t width, const int32_t* index,
+                        int64_t rows, float* pool, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  ScatterRowsKernel<<<Blocks(rows * width), kThreads, 0, stream>>>(
+      x, width, index, rows, pool);
+  return cudaGetLastError();
+}
+
+cudaError_t LstmStep(const float* gx, const float* gh, int64_t rows,
+                     int64_t h, float* state, float* cell,
+                     cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  LstmStepKernel<<<Blocks(rows * h), kThreads, 0, stream>>>(gx, gh, rows, h,
+                                                            state, cell);
+  return cudaGetLastError();
+}
+
+cudaError_t GruStep(const float* gx, const float* gh, int64_t rows, int64_t h,
+                    float* state, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  GruStepKernel<<<Blocks(rows * h), kThreads, 0, stream>>>(gx, gh, rows, h,
+                                                           state);
+  return cudaGetLastError();
+}
+
+cudaError_t RnnStep(const float* gx, const float* gh, int64_t rows, int64_t h,
+                    bool relu, float* state, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  RnnStepKernel<<<Blocks(rows * h), kThreads, 0, stream>>>(gx, gh, rows, h,
+                                                           relu, state);
   return cudaGetLastError();
 }
 

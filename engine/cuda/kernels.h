@@ -67,3 +67,24 @@ cudaError_t GruUpdate(const float* x, const float* hr, const float* hn,
                       cudaStream_t stream);
 
 }  // namespace rnnserve::engine::cuda
+
+namespace rnnserve::engine::cuda {
+
+// pool[index[r]] = x[r] for r < rows: the other half of GatherRows.
+cudaError_t ScatterRows(const float* x, int64_t width, const int32_t* index,
+                        int64_t rows, float* pool, cudaStream_t stream);
+
+// One step's cell updates, from the two products of the step (each with its
+// own bias already added): gx = x W_ih^T + b_ih, gh = h W_hh^T + b_hh, both
+// [rows, G*h] in PyTorch gate order. h and c are [rows, h], updated in
+// place.
+cudaError_t LstmStep(const float* gx, const float* gh, int64_t rows,
+                     int64_t h, float* state, float* cell,
+                     cudaStream_t stream);
+cudaError_t GruStep(const float* gx, const float* gh, int64_t rows, int64_t h,
+                    float* state, cudaStream_t stream);
+// relu when `relu`, else tanh.
+cudaError_t RnnStep(const float* gx, const float* gh, int64_t rows, int64_t h,
+                    bool relu, float* state, cudaStream_t stream);
+
+}  // namespace rnnserve::engine::cuda

@@ -1181,15 +1181,24 @@ class CudaWorkspace : public DeviceWorkspace {
   ~CudaWorkspace() override {
     state.reset();
     inputs.clear();
+    for (cudaEvent_t e : events) {
+      if (e != nullptr) cudaEventDestroy(e);
+    }
     if (ctx.cudnn != nullptr) cudnnDestroy(ctx.cudnn);
     if (ctx.cublas != nullptr) cublasDestroy(ctx.cublas);
     if (ctx.stream != nullptr) cudaStreamDestroy(ctx.stream);
   }
 
+  DeviceTimings timings() const override { return last; }
+
   Context ctx;
   std::unique_ptr<ProgramState> state;
   std::vector<DValue> inputs;
   std::vector<Value> outputs;
+  // Recorded before the upload, after it, after the layers and after the
+  // download.
+  cudaEvent_t events[4] = {nullptr, nullptr, nullptr, nullptr};
+  DeviceTimings last;
 };
 
 absl::Status CreateHandles(int device, Context* ctx) {
@@ -1220,6 +1229,7 @@ class CudaProgram : public DeviceProgram {
       const override {
     auto ws = std::make_unique<CudaWorkspace>();
     RETURN_IF_ERROR(CreateHandles(info_.ordinal, &ws->ctx));
+    for (cudaEvent_t& e : ws->events) RETURN_IF_CUDA(cudaEventCreate(&e));
     ASSIGN_OR_RETURN(ws->state, main_->NewState());
     return ws;
   }
@@ -1230,6 +1240,7 @@ class CudaProgram : public DeviceProgram {
     auto* ws = static_cast<CudaWorkspace*>(workspace);
     const Context& ctx = ws->ctx;
     RETURN_IF_CUDA(cudaSetDevice(ctx.device));
+    RETURN_IF_CUDA(cudaEventRecord(ws->events[0], ctx.stream));
     ws->inputs.resize(inputs.size());
     std::vector<const DValue*> in;
     for (size_t i = 0; i < inputs.size(); ++i) {
@@ -1244,7 +1255,9 @@ class CudaProgram : public DeviceProgram {
                                      cudaMemcpyHostToDevice, ctx.stream));
       in.push_back(&d);
     }
+    RETURN_IF_CUDA(cudaEventRecord(ws->events[1], ctx.stream));
     RETURN_IF_ERROR(main_->Run(in, ws->state.get(), ctx));
+    RETURN_IF_CUDA(cudaEventRecord(ws->events[2], ctx.stream));
     ws->outputs.resize(main_->num_outputs());
     outputs->resize(main_->num_outputs());
     for (int o = 0; o < main_->num_outputs(); ++o) {
@@ -1256,7 +1269,14 @@ class CudaProgram : public DeviceProgram {
                                      cudaMemcpyDeviceToHost, ctx.stream));
       (*outputs)[o] = &v;
     }
+    RETURN_IF_CUDA(cudaEventRecord(ws->events[3], ctx.stream));
     RETURN_IF_CUDA(cudaStreamSynchronize(ctx.stream));
+    RETURN_IF_CUDA(cudaEventElapsedTime(&ws->last.upload_ms, ws->events[0],
+                                        ws->events[1]));
+    RETURN_IF_CUDA(cudaEventElapsedTime(&ws->last.compute_ms, ws->events[1],
+                                        ws->events[2]));
+    RETURN_IF_CUDA(cudaEventElapsedTime(&ws->last.download_ms, ws->events[2],
+                                        ws->events[3]));
     return absl::OkStatus();
   }
 

@@ -2,6 +2,7 @@
 // precision names, the placement of the engine's recurrent arrays into a
 // cuDNN weight space, the mapping of library return codes to statuses, and
 // that asking for a device this machine or build cannot give fails clearly.
+#include <algorithm>
 #include <map>
 #include <random>
 #include <set>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "engine/cuda/rnn_weights.h"
+#include "engine/cuda/step_plan.h"
 #include "engine/device.h"
 #include "engine/model.h"
 #include "gmock/gmock.h"
@@ -223,6 +225,57 @@ TEST(CudnnWeights, DisagreementsAreInternalErrorsNamingThePlace) {
   };
   s = cuda::FillWeightSpace(cell, {a.view}, failing, space.data(), model.size);
   EXPECT_THAT(s.message(), HasSubstr("cudnnGetRNNWeightParams"));
+}
+
+TEST(StepPlan, ClassesArePowersOfTwoCappedAtMaxRows) {
+  using cuda::StepClass;
+  EXPECT_EQ(StepClass(1, 64), 1);
+  EXPECT_EQ(StepClass(2, 64), 2);
+  EXPECT_EQ(StepClass(3, 64), 4);
+  EXPECT_EQ(StepClass(33, 64), 64);
+  EXPECT_EQ(StepClass(64, 64), 64);
+  EXPECT_EQ(StepClass(40, 48), 48);
+  EXPECT_EQ(StepClass(17, 48), 32);
+  // Every rows value maps into the class list, and no class is smaller than
+  // its rows: a graph is never launched on fewer rows than the step has.
+  for (int64_t max_rows : {1, 5, 48, 64}) {
+    const std::vector<int64_t> classes = cuda::StepClasses(max_rows);
+    for (int64_t rows = 1; rows <= max_rows; ++rows) {
+      const int64_t c = StepClass(rows, max_rows);
+      EXPECT_GE(c, rows);
+      EXPECT_NE(std::find(classes.begin(), classes.end(), c), classes.end())
+          << rows << " of " << max_rows;
+    }
+  }
+  EXPECT_THAT(cuda::StepClasses(48),
+              ::testing::ElementsAre(1, 2, 4, 8, 16, 32, 48));
+  EXPECT_THAT(cuda::StepClasses(64),
+              ::testing::ElementsAre(1, 2, 4, 8, 16, 32, 64));
+}
+
+TEST(StepPlan, PaddedRowsUseTheSpareSlot) {
+  std::vector<int32_t> padded;
+  cuda::PadSlots(std::vector<int32_t>{7, 2, 5}, 4, 99, &padded);
+  EXPECT_THAT(padded, ::testing::ElementsAre(7, 2, 5, 99));
+  cuda::PadSlots(std::vector<int32_t>{1, 0}, 2, 99, &padded);
+  EXPECT_THAT(padded, ::testing::ElementsAre(1, 0));
+}
+
+TEST(StepPlan, BadSlotsAreRefusedNamingTheRow) {
+  EXPECT_TRUE(cuda::CheckSlots(std::vector<int32_t>{3, 0, 2}, 4, 8).ok());
+  absl::Status s = cuda::CheckSlots(std::vector<int32_t>{}, 4, 8);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("at least one row"));
+  s = cuda::CheckSlots(std::vector<int32_t>{0, 4}, 4, 8);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("row 1 has state slot 4; slots are 0..3"));
+  s = cuda::CheckSlots(std::vector<int32_t>{-1}, 4, 8);
+  EXPECT_THAT(s.message(), HasSubstr("row 0 has state slot -1"));
+  s = cuda::CheckSlots(std::vector<int32_t>{2, 1, 2}, 4, 8);
+  EXPECT_THAT(s.message(), HasSubstr("rows 0 and 2 both have state slot 2"));
+  s = cuda::CheckSlots(std::vector<int32_t>{0, 1, 2}, 4, 2);
+  EXPECT_THAT(s.message(), HasSubstr("a step of 3 rows; this stepper takes "
+                                     "at most 2"));
 }
 
 const char kLstmNet[] = R"pb(

@@ -5,6 +5,7 @@
 //
 // With no usable GPU, every test here is skipped and the binary prints one
 // line saying why, which CTest reads to list the test as skipped.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -13,7 +14,10 @@
 #include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_format.h"
 #include "engine/cuda/program.h"
+#include "engine/cuda/step.h"
+#include "tests/testing/model_files.h"
 #include "engine/model.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -206,6 +210,154 @@ TEST(CudaDevice, AnOrdinalBeyondTheDevicesIsRefused) {
   ASSERT_FALSE(info.ok());
   EXPECT_EQ(info.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(info.status().message(), HasSubstr("cuda:4096 asked for"));
+}
+
+// A one-layer net for the stepper tests, written to a fresh folder.
+struct StepNet {
+  std::string dir;
+  std::unique_ptr<Model> model;
+};
+
+StepNet WriteStepNet(const std::string& type, const std::string& extra,
+                     int64_t gates, int64_t in, int64_t h) {
+  StepNet n;
+  n.dir = testing_util::FreshDir("step_" + type + extra.substr(0, 8));
+  std::mt19937 rng(5);
+  testing_util::WriteVersion(
+      n.dir,
+      absl::StrFormat(R"pb(
+        inputs { name: "x" kind: VECTOR_SEQUENCE width: %d }
+        layers { name: "r" type: "%s" size: %d %s }
+      )pb",
+                      in, type, h, extra),
+      testing_util::RandomRecurrentArrays("r", gates, in, h, &rng));
+  auto model = Model::Load(n.dir, OnGpu());
+  EXPECT_TRUE(model.ok()) << model.status();
+  if (model.ok()) n.model = std::move(*model);
+  return n;
+}
+
+struct StepCase {
+  const char* type;
+  const char* extra;
+  int64_t gates;
+};
+
+class CudaStepper : public testing::TestWithParam<StepCase> {};
+
+// Steps a mixed-length batch element by element, rows leaving as their
+// sequences end and the survivors reordered, and compares every state with
+// the whole-sequence run on the same device.
+TEST_P(CudaStepper, StepsEqualTheWholeSequenceRun) {
+  const StepCase& p = GetParam();
+  const int64_t in = 6, h = 32;
+  StepNet n = WriteStepNet(p.type, p.extra, p.gates, in, h);
+  ASSERT_NE(n.model, nullptr);
+  const std::vector<int64_t> lengths = {5, 9, 1, 7};
+  std::mt19937 rng(8);
+  std::uniform_real_distribution<float> u(-1, 1);
+  NetInputs inputs;
+  inputs.inputs.resize(1);
+  inputs.inputs[0].lengths = lengths;
+  int64_t total = 0;
+  for (int64_t l : lengths) total += l;
+  for (int64_t i = 0; i < total * in; ++i) {
+    inputs.inputs[0].vectors.push_back(u(rng));
+  }
+  Execution exec = n.model->net().NewExecution();
+  NetOutputs whole;
+  ASSERT_TRUE(n.model->net().Run(inputs, &exec, &whole).ok());
+
+  for (bool capture : {true, false}) {
+    SCOPED_TRACE(capture ? "graphs" : "direct");
+    cuda::DeviceStepperOptions options;
+    options.capacity = 16;
+    options.max_rows = 8;
+    options.capture_graphs = capture;
+    auto stepper = cuda::DeviceStepper::Create(
+        *n.model->net().FindLayer("r"), n.dir + "/weights.safetensors", 0,
+        options);
+    ASSERT_TRUE(stepper.ok()) << stepper.status();
+    // Instance i lives in slot 10 - i; live rows are listed longest-first
+    // at odd steps and reversed at even ones.
+    std::vector<int64_t> starts(lengths.size(), 0);
+    for (size_t i = 1; i < lengths.size(); ++i) {
+      starts[i] = starts[i - 1] + lengths[i - 1];
+    }
+    std::vector<int32_t> all;
+    for (size_t i = 0; i < lengths.size(); ++i) all.push_back(10 - i);
+    ASSERT_TRUE((*stepper)->Reset(all).ok());
+    for (int64_t t = 0; t < 9; ++t) {
+      std::vector<int32_t> slots;
+      std::vector<size_t> who;
+      for (size_t i = 0; i < lengths.size(); ++i) {
+        if (t < lengths[i]) who.push_back(i);
+      }
+      if (t % 2 == 0) std::reverse(who.begin(), who.end());
+      std::vector<float> x;
+      for (size_t i : who) {
+        slots.push_back(10 - static_cast<int32_t>(i));
+        const float* row = inputs.inputs[0].vectors.data() + (starts[i] + t) * in;
+        x.insert(x.end(), row, row + in);
+      }
+      std::vector<float> out(who.size() * h);
+      absl::Status s = (*stepper)->Step(x.data(), slots, out.data());
+      ASSERT_TRUE(s.ok()) << s;
+      const OutputBatch& seq = whole.outputs[0];
+      for (size_t r = 0; r < who.size(); ++r) {
+        for (int64_t j = 0; j < h; ++j) {
+          const float want = seq.values[(starts[who[r]] + t) * h + j];
+          ASSERT_NEAR(out[r * h + j], want, kTolerance)
+              << "step " << t << " instance " << who[r] << " unit " << j;
+        }
+      }
+    }
+    if (capture) {
+      // Steps of 4 and 3 rows ran as class 4, of 2 as 2, of 1 as 1.
+      EXPECT_EQ((*stepper)->graphs_captured(), 3);
+    } else {
+      EXPECT_EQ((*stepper)->graphs_captured(), 0);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cells, CudaStepper,
+    testing::Values(StepCase{"LongShortTermMemoryLayer", "", 4},
+                    StepCase{"GatedRecurrentLayer", "", 3},
+                    StepCase{"BasicRecurrentLayer", "function: \"relu\"", 1}),
+    [](const testing::TestParamInfo<StepCase>& info) {
+      return std::string(info.param.type);
+    });
+
+TEST(CudaStepperSlots, CopyReadAndBadSlots) {
+  StepNet n = WriteStepNet("LongShortTermMemoryLayer", "", 4, 3, 8);
+  ASSERT_NE(n.model, nullptr);
+  cuda::DeviceStepperOptions options;
+  options.capacity = 4;
+  options.max_rows = 4;
+  auto stepper = cuda::DeviceStepper::Create(
+      *n.model->net().FindLayer("r"), n.dir + "/weights.safetensors", 0,
+      options);
+  ASSERT_TRUE(stepper.ok()) << stepper.status();
+  const std::vector<float> x = {0.5f, -0.25f, 1.0f, 0.1f, 0.2f, 0.3f};
+  ASSERT_TRUE((*stepper)->Step(x.data(), std::vector<int32_t>{0, 1}, nullptr)
+                  .ok());
+  // Swap slots 0 and 1 (a beam reorder) and read them back.
+  std::vector<float> before(2 * 8), after(2 * 8);
+  ASSERT_TRUE((*stepper)->ReadStates(std::vector<int32_t>{0, 1}, 1,
+                                     before.data()).ok());
+  ASSERT_TRUE((*stepper)->CopySlots(std::vector<int32_t>{0, 1},
+                                    std::vector<int32_t>{1, 0}).ok());
+  ASSERT_TRUE((*stepper)->ReadStates(std::vector<int32_t>{1, 0}, 1,
+                                     after.data()).ok());
+  EXPECT_EQ(before, after);
+  absl::Status s =
+      (*stepper)->Step(x.data(), std::vector<int32_t>{0, 0}, nullptr);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("both have state slot 0"));
+  s = (*stepper)->Step(x.data(), std::vector<int32_t>{4}, nullptr);
+  EXPECT_THAT(s.message(), HasSubstr("slots are 0..3"));
 }
 
 }  // namespace
