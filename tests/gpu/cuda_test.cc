@@ -47,6 +47,13 @@ class GpuEnvironment : public testing::Environment {
 const auto* const kEnvironment =
     testing::AddGlobalTestEnvironment(new GpuEnvironment);
 
+// The source tree: the compiled-in path, unless RNNSERVE_SOURCE_DIR names
+// another (a bundle carried to a GPU machine runs from another checkout).
+std::string SourceDir() {
+  if (const char* dir = std::getenv("RNNSERVE_SOURCE_DIR")) return dir;
+  return RNNSERVE_SOURCE_DIR;
+}
+
 NetOptions OnGpu() {
   NetOptions options;
   options.device = {DeviceKind::kCuda, 0};
@@ -165,7 +172,7 @@ class CudaExamples : public testing::TestWithParam<std::string> {};
 
 TEST_P(CudaExamples, MatchTheCpuEngine) {
   const std::string dir =
-      std::string(RNNSERVE_SOURCE_DIR) + "/examples/models/" + GetParam() + "/1";
+      SourceDir() + "/examples/models/" + GetParam() + "/1";
   auto cpu = Model::Load(dir);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   auto gpu = Model::Load(dir, OnGpu());
@@ -195,7 +202,7 @@ INSTANTIATE_TEST_SUITE_P(Shipped, CudaExamples,
 
 TEST(CudaBudget, WeightsOverTheBudgetFailWithBothFigures) {
   const std::string dir =
-      std::string(RNNSERVE_SOURCE_DIR) + "/examples/models/brackets/1";
+      SourceDir() + "/examples/models/brackets/1";
   NetOptions options = OnGpu();
   options.device_memory_budget = 1024;
   auto model = Model::Load(dir, options);
