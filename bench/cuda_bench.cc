@@ -105,12 +105,21 @@ double BareCudnn(const Cell& cell, int64_t h, int64_t batch, int64_t steps,
                  int reps) {
   cudnnHandle_t handle;
   CHECK_CUDNN(cudnnCreate(&handle));
+  // cuDNN wants a dropout descriptor even where nothing drops out.
+  cudnnDropoutDescriptor_t dropout;
+  CHECK_CUDNN(cudnnCreateDropoutDescriptor(&dropout));
+  size_t dropout_bytes = 0;
+  CHECK_CUDNN(cudnnDropoutGetStatesSize(handle, &dropout_bytes));
+  void* dropout_states;
+  CHECK_CUDA(cudaMalloc(&dropout_states, std::max<size_t>(dropout_bytes, 1)));
+  CHECK_CUDNN(cudnnSetDropoutDescriptor(dropout, handle, 0.0f, dropout_states,
+                                        dropout_bytes, 0));
   cudnnRNNDescriptor_t rnn;
   CHECK_CUDNN(cudnnCreateRNNDescriptor(&rnn));
   CHECK_CUDNN(cudnnSetRNNDescriptor_v8(
       rnn, CUDNN_RNN_ALGO_STANDARD, cell.mode, CUDNN_RNN_DOUBLE_BIAS,
       CUDNN_UNIDIRECTIONAL, CUDNN_LINEAR_INPUT, CUDNN_DATA_FLOAT,
-      CUDNN_DATA_FLOAT, CUDNN_FMA_MATH, h, h, h, 1, nullptr,
+      CUDNN_DATA_FLOAT, CUDNN_FMA_MATH, h, h, h, 1, dropout,
       CUDNN_RNN_PADDED_IO_DISABLED));
   std::vector<int> lengths(batch, static_cast<int>(steps));
   cudnnRNNDataDescriptor_t x_desc, y_desc;
@@ -174,6 +183,8 @@ double BareCudnn(const Cell& cell, int64_t h, int64_t batch, int64_t steps,
   cudnnDestroyRNNDataDescriptor(x_desc);
   cudnnDestroyRNNDataDescriptor(y_desc);
   cudnnDestroyRNNDescriptor(rnn);
+  cudnnDestroyDropoutDescriptor(dropout);
+  cudaFree(dropout_states);
   cudnnDestroy(handle);
   return Median(ms);
 }

@@ -203,11 +203,40 @@ struct Residents {
   }
 };
 
+// The dropout descriptor every cuDNN RNN descriptor must name. Inference
+// applies no dropout, but cuDNN wants an initialized descriptor (with its
+// random states) all the same; one per program, shared by its RNN
+// descriptors, which refer to it for as long as they live.
+struct DropoutState {
+  // The handle the descriptor was set up with, kept for its lifetime.
+  cudnnHandle_t handle = nullptr;
+  cudnnDropoutDescriptor_t desc = nullptr;
+  DeviceBuffer states;
+  ~DropoutState() {
+    if (desc != nullptr) cudnnDestroyDropoutDescriptor(desc);
+    if (handle != nullptr) cudnnDestroy(handle);
+  }
+};
+
+absl::StatusOr<std::shared_ptr<DropoutState>> MakeDropout() {
+  auto d = std::make_shared<DropoutState>();
+  RETURN_IF_CUDNN(cudnnCreate(&d->handle));
+  RETURN_IF_CUDNN(cudnnCreateDropoutDescriptor(&d->desc));
+  size_t bytes = 0;
+  RETURN_IF_CUDNN(cudnnDropoutGetStatesSize(d->handle, &bytes));
+  RETURN_IF_ERROR(d->states.Reserve(std::max<size_t>(bytes, 1)));
+  RETURN_IF_CUDNN(cudnnSetDropoutDescriptor(d->desc, d->handle, 0.0f,
+                                            d->states.as<void>(), bytes,
+                                            /*seed=*/0));
+  return d;
+}
+
 // What lowering needs besides the graph.
 struct Lowering {
   WeightSource* weights;
   Residents* residents;
   cudnnHandle_t cudnn;  // for weight-space queries at compile time
+  std::shared_ptr<DropoutState> dropout;
 };
 
 class SubProgram;
@@ -548,7 +577,8 @@ struct RnnShape {
   bool bidirectional = false;
 };
 
-absl::Status SetRnnDescriptor(cudnnRNNDescriptor_t desc, const RnnShape& s) {
+absl::Status SetRnnDescriptor(cudnnRNNDescriptor_t desc, const RnnShape& s,
+                              const DropoutState& dropout) {
   cudnnRNNMode_t mode = CUDNN_LSTM;
   switch (s.cell) {
     case RnnCell::kTanh:
@@ -571,7 +601,7 @@ absl::Status SetRnnDescriptor(cudnnRNNDescriptor_t desc, const RnnShape& s) {
       s.bidirectional ? CUDNN_BIDIRECTIONAL : CUDNN_UNIDIRECTIONAL,
       CUDNN_LINEAR_INPUT, CUDNN_DATA_FLOAT, CUDNN_DATA_FLOAT, CUDNN_FMA_MATH,
       static_cast<int32_t>(s.input), static_cast<int32_t>(s.hidden),
-      static_cast<int32_t>(s.hidden), /*numLayers=*/1, /*dropoutDesc=*/nullptr,
+      static_cast<int32_t>(s.hidden), /*numLayers=*/1, dropout.desc,
       CUDNN_RNN_PADDED_IO_DISABLED));
   return absl::OkStatus();
 }
@@ -592,7 +622,7 @@ absl::StatusOr<std::pair<const float*, size_t>> UploadWeightSpace(
       if (b) cudnnDestroyTensorDescriptor(b);
     }
   } cleanup{desc};
-  RETURN_IF_ERROR(SetRnnDescriptor(desc, shape));
+  RETURN_IF_ERROR(SetRnnDescriptor(desc, shape, *lw.dropout));
   size_t space_bytes = 0;
   RETURN_IF_CUDNN(cudnnGetRNNWeightSpaceSize(lw.cudnn, desc, &space_bytes));
   RETURN_IF_CUDNN(cudnnCreateTensorDescriptor(&cleanup.m));
@@ -617,8 +647,16 @@ absl::StatusOr<std::pair<const float*, size_t>> UploadWeightSpace(
                                                  strides));
       p->offset = (static_cast<const char*>(addr) - base) /
                   static_cast<int64_t>(sizeof(float));
-      p->rows = dims[1];
-      p->cols = dims[2];
+      // cuDNN describes a matrix as [1, rows, cols] and a bias as
+      // [1, rows, 1]; read a layout without the leading 1 the same way.
+      // FillWeightSpace checks the result against the engine's shapes.
+      if (nb == 3 && dims[0] == 1) {
+        p->rows = dims[1];
+        p->cols = dims[2];
+      } else {
+        p->rows = dims[0];
+        p->cols = nb >= 3 ? int64_t{dims[1]} * dims[2] : (nb == 2 ? dims[1] : 1);
+      }
       return absl::OkStatus();
     };
     std::pair<ParamPlace, ParamPlace> places;
@@ -644,9 +682,11 @@ absl::StatusOr<std::pair<const float*, size_t>> UploadWeightSpace(
 class CudnnRnnOp : public Op {
  public:
   CudnnRnnOp(const Layer& layer, RnnShape shape, const float* space,
-             size_t space_bytes, std::vector<bool> needed)
+             size_t space_bytes, std::vector<bool> needed,
+             std::shared_ptr<DropoutState> dropout)
       : layer_(layer),
         shape_(shape),
+        dropout_(std::move(dropout)),
         space_(space),
         space_bytes_(space_bytes),
         needed_(std::move(needed)) {}
@@ -655,7 +695,7 @@ class CudnnRnnOp : public Op {
     st->rnn = std::make_unique<RnnDescriptors>();
     RnnDescriptors& d = *st->rnn;
     RETURN_IF_CUDNN(cudnnCreateRNNDescriptor(&d.rnn));
-    RETURN_IF_ERROR(SetRnnDescriptor(d.rnn, shape_));
+    RETURN_IF_ERROR(SetRnnDescriptor(d.rnn, shape_, *dropout_));
     RETURN_IF_CUDNN(cudnnCreateRNNDataDescriptor(&d.x));
     RETURN_IF_CUDNN(cudnnCreateRNNDataDescriptor(&d.y));
     RETURN_IF_CUDNN(cudnnCreateTensorDescriptor(&d.h));
@@ -767,6 +807,7 @@ class CudnnRnnOp : public Op {
  private:
   const Layer& layer_;
   RnnShape shape_;
+  std::shared_ptr<DropoutState> dropout_;
   const float* space_;
   size_t space_bytes_;
   std::vector<bool> needed_;
@@ -913,8 +954,8 @@ absl::StatusOr<std::unique_ptr<Op>> LowerRecurrent(
   }
   RnnShape shape{cell, input, h, false};
   ASSIGN_OR_RETURN(auto space, UploadWeightSpace(shape, {r.view}, lw));
-  return std::unique_ptr<Op>(
-      new CudnnRnnOp(layer, shape, space.first, space.second, needed));
+  return std::unique_ptr<Op>(new CudnnRnnOp(layer, shape, space.first,
+                                            space.second, needed, lw.dropout));
 }
 
 // ---------------------------------------------------------------------------
@@ -1049,8 +1090,8 @@ absl::StatusOr<std::unique_ptr<Op>> LowerBidirectional(const Layer& layer,
     RnnShape shape{cell, input, f->spec().size(), true};
     ASSIGN_OR_RETURN(auto space,
                      UploadWeightSpace(shape, {fw.view, bw.view}, lw));
-    return std::unique_ptr<Op>(new CudnnRnnOp(layer, shape, space.first,
-                                              space.second, {true}));
+    return std::unique_ptr<Op>(new CudnnRnnOp(
+        layer, shape, space.first, space.second, {true}, lw.dropout));
   }
   ASSIGN_OR_RETURN(auto forward, SubProgram::Lower(*nets[0], lw));
   ASSIGN_OR_RETURN(auto backward, SubProgram::Lower(*nets[1], lw));
@@ -1321,7 +1362,9 @@ absl::StatusOr<std::unique_ptr<DeviceProgram>> Compile(
   } release{&compile_ctx};
   RETURN_IF_ERROR(CreateHandles(info.ordinal, &compile_ctx));
   Residents residents;
-  Lowering lw{weights, &residents, compile_ctx.cudnn};
+  ASSIGN_OR_RETURN(std::shared_ptr<DropoutState> dropout,
+                   MakeDropout());
+  Lowering lw{weights, &residents, compile_ctx.cudnn, dropout};
   ASSIGN_OR_RETURN(auto main, SubProgram::Lower(graph, lw));
   if (budget > 0 && residents.bytes > budget) {
     return absl::ResourceExhaustedError(absl::StrFormat(

@@ -256,5 +256,56 @@ TEST(GatedRecurrentLayer, ResetBeforeFormMatchesItsEquations) {
   }
 }
 
+// A batch long enough that the input projection runs in several chunks of
+// steps (H=512: 1536 rows a chunk, here 4 chunks) must give, for every
+// instance, exactly what that instance gives alone (one chunk), whatever
+// the chunk boundaries.
+TEST(RecurrentLayer, ChunkedProjectionGivesEachInstanceItsOwnResult) {
+  for (const auto& [type, gates] : std::vector<std::pair<std::string, int>>{
+           {"LongShortTermMemoryLayer", 4}, {"GatedRecurrentLayer", 3}}) {
+    SCOPED_TRACE(type);
+    std::mt19937 rng(9);
+    auto model = LoadWith(
+        "chunked_" + type,
+        "inputs { name: \"x\" kind: VECTOR_SEQUENCE width: 8 }\n"
+        "layers { name: \"r\" type: \"" + type + "\" size: 512 }\n",
+        testing_util::RandomRecurrentArrays("r", gates, 8, 512, &rng));
+    ASSERT_TRUE(model.ok()) << model.status();
+    const Net& net = (*model)->net();
+    NetInputs batch;
+    batch.inputs.resize(1);
+    std::uniform_int_distribution<int> length(40, 120);
+    std::uniform_real_distribution<float> value(-1, 1);
+    for (int i = 0; i < 64; ++i) {
+      const int len = length(rng);
+      batch.inputs[0].lengths.push_back(len);
+      for (int k = 0; k < len * 8; ++k) {
+        batch.inputs[0].vectors.push_back(value(rng));
+      }
+    }
+    Execution exec = net.NewExecution();
+    NetOutputs whole;
+    ASSERT_TRUE(net.Run(batch, &exec, &whole).ok());
+    for (int i : {0, 17, 40, 63}) {
+      int64_t first = 0;
+      for (int j = 0; j < i; ++j) first += batch.inputs[0].lengths[j];
+      const int64_t len = batch.inputs[0].lengths[i];
+      NetInputs one;
+      one.inputs.resize(1);
+      one.inputs[0].lengths = {len};
+      one.inputs[0].vectors.assign(
+          batch.inputs[0].vectors.begin() + first * 8,
+          batch.inputs[0].vectors.begin() + (first + len) * 8);
+      NetOutputs alone;
+      ASSERT_TRUE(net.Run(one, &exec, &alone).ok());
+      for (int64_t k = 0; k < len * 512; ++k) {
+        ASSERT_EQ(alone.outputs[0].values[k],
+                  whole.outputs[0].values[first * 512 + k])
+            << "instance " << i << " value " << k;
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace rnnserve::engine
