@@ -13,6 +13,7 @@
 #include "absl/strings/str_format.h"
 #include "engine/cuda/check.h"
 #include "engine/cuda/kernels.h"
+#include "engine/cuda/rnn_plan.h"
 #include "engine/cuda/rnn_weights.h"
 #include "engine/graph.h"
 #include "engine/layer.h"
@@ -572,9 +573,10 @@ void SortedLengths(const SequenceLayout& l, std::vector<int>* lengths) {
 
 struct RnnShape {
   RnnCell cell = RnnCell::kLstm;
-  int64_t input = 0;
+  int64_t input = 0;  // of the first layer; later ones take dirs * hidden
   int64_t hidden = 0;
   bool bidirectional = false;
+  int layers = 1;
 };
 
 absl::Status SetRnnDescriptor(cudnnRNNDescriptor_t desc, const RnnShape& s,
@@ -601,7 +603,7 @@ absl::Status SetRnnDescriptor(cudnnRNNDescriptor_t desc, const RnnShape& s,
       s.bidirectional ? CUDNN_BIDIRECTIONAL : CUDNN_UNIDIRECTIONAL,
       CUDNN_LINEAR_INPUT, CUDNN_DATA_FLOAT, CUDNN_DATA_FLOAT, CUDNN_FMA_MATH,
       static_cast<int32_t>(s.input), static_cast<int32_t>(s.hidden),
-      static_cast<int32_t>(s.hidden), /*numLayers=*/1, dropout.desc,
+      static_cast<int32_t>(s.hidden), s.layers, dropout.desc,
       CUDNN_RNN_PADDED_IO_DISABLED));
   return absl::OkStatus();
 }
@@ -675,8 +677,8 @@ absl::StatusOr<std::pair<const float*, size_t>> UploadWeightSpace(
   return std::make_pair(space, space_bytes);
 }
 
-// One recurrent layer, or both directions of a bidirectional one, as one
-// cuDNN call on the packed batch. Ports as the CPU layer's: output, state
+// One recurrent layer, both directions of a bidirectional one, or a fused
+// stack of either (rnn_plan.h), as one cuDNN call on the packed batch. Ports as the CPU layer's: output, state
 // (final, caller order) and, for the LSTM, cell (final); initial states
 // from the state and cell inputs.
 class CudnnRnnOp : public Op {
@@ -720,7 +722,8 @@ class CudnnRnnOp : public Op {
         d.y, CUDNN_DATA_FLOAT, CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_PACKED,
         max_len, static_cast<int>(batch), static_cast<int>(dirs * h),
         st->host_lengths.data(), nullptr));
-    const int dims[3] = {dirs, static_cast<int>(batch), static_cast<int>(h)};
+    const int states = dirs * shape_.layers;
+    const int dims[3] = {states, static_cast<int>(batch), static_cast<int>(h)};
     const int strides[3] = {static_cast<int>(batch * h), static_cast<int>(h),
                             1};
     RETURN_IF_CUDNN(cudnnSetTensorNdDescriptor(d.h, CUDNN_DATA_FLOAT, 3,
@@ -760,10 +763,10 @@ class CudnnRnnOp : public Op {
     float* hy = nullptr;
     float* cy = nullptr;
     if (want_h) {
-      ASSIGN_OR_RETURN(hy, st->Scratch<float>(4, dirs * batch * h));
+      ASSIGN_OR_RETURN(hy, st->Scratch<float>(4, states * batch * h));
     }
     if (want_c) {
-      ASSIGN_OR_RETURN(cy, st->Scratch<float>(5, dirs * batch * h));
+      ASSIGN_OR_RETURN(cy, st->Scratch<float>(5, states * batch * h));
     }
 
     size_t work_bytes = 0, reserve_bytes = 0;
@@ -1099,6 +1102,73 @@ absl::StatusOr<std::unique_ptr<Op>> LowerBidirectional(const Layer& layer,
       new BidirectionalOp(layer, j, std::move(forward), std::move(backward)));
 }
 
+// A node whose work a fused op later in the graph does; nothing reads its
+// outputs.
+class FusedAwayOp : public Op {
+ public:
+  absl::Status Run(const std::vector<const DValue*>&,
+                   const std::vector<DValue*>&, OpState*,
+                   const Context&) const override {
+    return absl::OkStatus();
+  }
+};
+
+// For planning: the single cuDNN-runnable recurrence of a node, or nothing.
+// `pair` gets the backward layer of a fusable bidirectional operator.
+const Layer* CudnnRecurrence(const Layer& layer, const Layer** pair) {
+  *pair = nullptr;
+  if (IsRecurrent(layer)) {
+    if (layer.type() == "GatedRecurrentLayer" && layer.spec().reset_before()) {
+      return nullptr;
+    }
+    return &layer;
+  }
+  if (layer.type() != "NetBidirectionalOperator") return nullptr;
+  const std::string& join = layer.spec().join();
+  if (!join.empty() && join != "catenate") return nullptr;
+  const std::vector<const Graph*> nets = layer.subnets();
+  const Layer* f = SoleRecurrentLayer(*nets[0]);
+  const Layer* b = SoleRecurrentLayer(*nets[1]);
+  if (f == nullptr || b == nullptr || f->type() != b->type() ||
+      f->spec().size() != b->spec().size() ||
+      f->spec().function() != b->spec().function()) {
+    return nullptr;
+  }
+  *pair = b;
+  return f;
+}
+
+// Nodes [first, last] of `graph` as one multi-layer cuDNN call.
+absl::StatusOr<std::unique_ptr<Op>> LowerFusedRun(const Graph& graph,
+                                                  int first, int last,
+                                                  int64_t input,
+                                                  Lowering& lw) {
+  const Layer* backward = nullptr;
+  const Layer* forward = CudnnRecurrence(graph.layer(first), &backward);
+  ASSIGN_OR_RETURN(RnnCell cell, CellOf(*forward));
+  RnnShape shape{cell, input, forward->spec().size(), backward != nullptr,
+                 last - first + 1};
+  const int64_t dirs = shape.bidirectional ? 2 : 1;
+  std::vector<LoadedRecurrent> loaded;
+  for (int n = first; n <= last; ++n) {
+    const Layer* b = nullptr;
+    const Layer* f = CudnnRecurrence(graph.layer(n), &b);
+    const int64_t width = n == first ? input : dirs * shape.hidden;
+    ASSIGN_OR_RETURN(LoadedRecurrent fw, LoadRecurrent(*f, width, lw));
+    loaded.push_back(std::move(fw));
+    if (b != nullptr) {
+      ASSIGN_OR_RETURN(LoadedRecurrent bw, LoadRecurrent(*b, width, lw));
+      loaded.push_back(std::move(bw));
+    }
+  }
+  std::vector<RecurrentArrays> views;
+  for (const LoadedRecurrent& r : loaded) views.push_back(r.view);
+  ASSIGN_OR_RETURN(auto space, UploadWeightSpace(shape, views, lw));
+  return std::unique_ptr<Op>(new CudnnRnnOp(graph.layer(last), shape,
+                                            space.first, space.second, {true},
+                                            lw.dropout));
+}
+
 const std::map<std::string, Activation>& Activations() {
   static const auto* functions = new std::map<std::string, Activation>{
       {"tanh", Activation::kTanh},         {"sigmoid", Activation::kSigmoid},
@@ -1195,17 +1265,82 @@ absl::StatusOr<std::unique_ptr<SubProgram>> SubProgram::Lower(
   }
   for (int o = 0; o < graph.num_outputs(); ++o) mark(graph.output_source(o));
 
+  // Stacks that run as one multi-layer cuDNN call.
+  std::vector<int> reads(graph.num_nodes(), 0);  // of each node's port 0
+  auto count = [&](Graph::Source s) {
+    if (s.node >= 0 && s.port == 0) ++reads[s.node];
+  };
+  for (int n = 0; n < graph.num_nodes(); ++n) {
+    for (const auto& s : graph.node_inputs(n)) {
+      if (s) count(*s);
+    }
+  }
+  for (int o = 0; o < graph.num_outputs(); ++o) count(graph.output_source(o));
+  std::vector<RnnNode> plan(graph.num_nodes());
+  for (int n = 0; n < graph.num_nodes(); ++n) {
+    const Layer* backward = nullptr;
+    const Layer* r = CudnnRecurrence(graph.layer(n), &backward);
+    if (r == nullptr) continue;
+    RnnNode& p = plan[n];
+    p.cudnn = true;
+    p.cell = *CellOf(*r);
+    p.hidden = r->spec().size();
+    p.bidirectional = backward != nullptr;
+    const auto& inputs = graph.node_inputs(n);
+    p.reads_only_previous = !inputs.empty() && inputs[0] &&
+                            inputs[0]->node == n - 1 && inputs[0]->port == 0;
+    for (size_t k = 1; k < inputs.size(); ++k) {
+      if (inputs[k]) {
+        p.reads_only_previous = false;
+        p.uses_states = true;
+      }
+    }
+    for (size_t k = 1; k < needed[n].size(); ++k) {
+      if (needed[n][k]) p.uses_states = true;
+    }
+    const bool next_reads = n + 1 < graph.num_nodes() &&
+                            !graph.node_inputs(n + 1).empty() &&
+                            graph.node_inputs(n + 1)[0] &&
+                            graph.node_inputs(n + 1)[0]->node == n &&
+                            graph.node_inputs(n + 1)[0]->port == 0;
+    p.output_read_elsewhere = reads[n] > (next_reads ? 1 : 0);
+  }
+  std::vector<int> run_end(graph.num_nodes(), -1);  // first node -> last
+  std::vector<int> run_start(graph.num_nodes(), -1);  // last node -> first
+  for (const auto& [first, last] : FuseRecurrentRuns(plan)) {
+    run_end[first] = last;
+    run_start[last] = first;
+    for (int n = first; n < last; ++n) run_end[n] = last;
+  }
+
+  auto width_of = [&](const std::optional<Graph::Source>& s) -> int64_t {
+    if (!s) return 0;
+    return s->node < 0 ? graph.input_type(-1 - s->node).width
+                       : graph.layer(s->node).output_type(s->port).width;
+  };
   for (int n = 0; n < graph.num_nodes(); ++n) {
     const Layer& layer = graph.layer(n);
     const auto& inputs = graph.node_inputs(n);
-    int64_t width = 0;
-    if (!inputs.empty() && inputs[0]) {
-      const Graph::Source s = *inputs[0];
-      width = s.node < 0 ? graph.input_type(-1 - s.node).width
-                         : graph.layer(s.node).output_type(s.port).width;
+    if (run_start[n] >= 0) {
+      // The last node of a fused run does the whole run, reading the
+      // first node's input.
+      const int first = run_start[n];
+      const auto& first_inputs = graph.node_inputs(first);
+      ASSIGN_OR_RETURN(
+          std::unique_ptr<Op> op,
+          LowerFusedRun(graph, first, n, width_of(first_inputs[0]), lw));
+      program->nodes_.push_back(
+          Node{std::move(op), {first_inputs[0]}, layer.num_outputs()});
+      continue;
+    }
+    if (run_end[n] >= 0) {
+      program->nodes_.push_back(
+          Node{std::make_unique<FusedAwayOp>(), {}, layer.num_outputs()});
+      continue;
     }
     ASSIGN_OR_RETURN(std::unique_ptr<Op> op,
-                     LowerNode(layer, width, needed[n], lw));
+                     LowerNode(layer, inputs.empty() ? 0 : width_of(inputs[0]),
+                               needed[n], lw));
     program->nodes_.push_back(Node{std::move(op), inputs, layer.num_outputs()});
   }
   for (int o = 0; o < graph.num_outputs(); ++o) {

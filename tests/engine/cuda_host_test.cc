@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/cuda/rnn_plan.h"
 #include "engine/cuda/rnn_weights.h"
 #include "engine/cuda/step_plan.h"
 #include "engine/device.h"
@@ -225,6 +226,57 @@ TEST(CudnnWeights, DisagreementsAreInternalErrorsNamingThePlace) {
   };
   s = cuda::FillWeightSpace(cell, {a.view}, failing, space.data(), model.size);
   EXPECT_THAT(s.message(), HasSubstr("cudnnGetRNNWeightParams"));
+}
+
+cuda::RnnNode Recurrent(int64_t hidden = 8, bool bidirectional = false,
+                        cuda::RnnCell cell = cuda::RnnCell::kLstm) {
+  cuda::RnnNode n;
+  n.cudnn = true;
+  n.cell = cell;
+  n.hidden = hidden;
+  n.bidirectional = bidirectional;
+  n.reads_only_previous = true;
+  return n;
+}
+
+TEST(RnnPlan, StacksOfTheSameRecurrenceFuse) {
+  using Runs = std::vector<std::pair<int, int>>;
+  cuda::RnnNode embedding;  // not a recurrence
+  // embedding, lstm, lstm, lstm, last
+  EXPECT_EQ(cuda::FuseRecurrentRuns(
+                {embedding, Recurrent(), Recurrent(), Recurrent(), embedding}),
+            (Runs{{1, 3}}));
+  // Bidirectional stacks fuse too; a change of direction count splits.
+  EXPECT_EQ(cuda::FuseRecurrentRuns({Recurrent(8, true), Recurrent(8, true),
+                                     Recurrent(8, false), Recurrent(8, false)}),
+            (Runs{{0, 1}, {2, 3}}));
+  // One layer alone is no run.
+  EXPECT_EQ(cuda::FuseRecurrentRuns({embedding, Recurrent(), embedding}),
+            Runs{});
+}
+
+TEST(RnnPlan, AnythingThatNeedsTheLayersApartKeepsThemApart) {
+  using Runs = std::vector<std::pair<int, int>>;
+  // Another size, another cell.
+  EXPECT_EQ(cuda::FuseRecurrentRuns({Recurrent(8), Recurrent(16)}), Runs{});
+  EXPECT_EQ(cuda::FuseRecurrentRuns(
+                {Recurrent(8), Recurrent(8, false, cuda::RnnCell::kGru)}),
+            Runs{});
+  // The middle sequence is also a graph output (or read by another node).
+  cuda::RnnNode tapped = Recurrent();
+  tapped.output_read_elsewhere = true;
+  EXPECT_EQ(cuda::FuseRecurrentRuns({Recurrent(), tapped, Recurrent()}),
+            (Runs{{0, 1}}));
+  // A layer that reads something besides the previous sequence.
+  cuda::RnnNode other_input = Recurrent();
+  other_input.reads_only_previous = false;
+  EXPECT_EQ(cuda::FuseRecurrentRuns({Recurrent(), other_input}), Runs{});
+  // Initial or final states in use, on either end.
+  cuda::RnnNode states = Recurrent();
+  states.uses_states = true;
+  EXPECT_EQ(cuda::FuseRecurrentRuns({states, Recurrent(), Recurrent()}),
+            (Runs{{1, 2}}));
+  EXPECT_EQ(cuda::FuseRecurrentRuns({Recurrent(), states}), Runs{});
 }
 
 TEST(StepPlan, ClassesArePowersOfTwoCappedAtMaxRows) {
