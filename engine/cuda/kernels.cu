@@ -1,5 +1,8 @@
 #include "engine/cuda/kernels.h"
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <cmath>
 
 namespace rnnserve::engine::cuda {
@@ -220,7 +223,65 @@ __global__ void RnnStepKernel(const float* __restrict__ gx,
   }
 }
 
+__global__ void ToHalfKernel(const float* __restrict__ x, __half* y,
+                             int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    y[i] = __float2half_rn(x[i]);
+  }
+}
+
+__global__ void ToBf16Kernel(const float* __restrict__ x, __nv_bfloat16* y,
+                             int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    y[i] = __float2bfloat16_rn(x[i]);
+  }
+}
+
+__global__ void FromHalfKernel(const __half* x, float* __restrict__ y,
+                               int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    y[i] = __half2float(x[i]);
+  }
+}
+
+__global__ void FromBf16Kernel(const __nv_bfloat16* x, float* __restrict__ y,
+                               int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    y[i] = __bfloat162float(x[i]);
+  }
+}
+
 }  // namespace
+
+cudaError_t FloatToReduced(const float* x, void* y, int64_t n, bool bf16,
+                           cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  if (bf16) {
+    ToBf16Kernel<<<Blocks(n), kThreads, 0, stream>>>(
+        x, static_cast<__nv_bfloat16*>(y), n);
+  } else {
+    ToHalfKernel<<<Blocks(n), kThreads, 0, stream>>>(
+        x, static_cast<__half*>(y), n);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t ReducedToFloat(const void* x, float* y, int64_t n, bool bf16,
+                           cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  if (bf16) {
+    FromBf16Kernel<<<Blocks(n), kThreads, 0, stream>>>(
+        static_cast<const __nv_bfloat16*>(x), y, n);
+  } else {
+    FromHalfKernel<<<Blocks(n), kThreads, 0, stream>>>(
+        static_cast<const __half*>(x), y, n);
+  }
+  return cudaGetLastError();
+}
 
 cudaError_t GatherRows(const float* x, int64_t width, const int32_t* index,
                        int64_t rows, float* y, cudaStream_t stream) {

@@ -88,3 +88,14 @@ cudaError_t RnnStep(const float* gx, const float* gh, int64_t rows, int64_t h,
                     bool relu, float* state, cudaStream_t stream);
 
 }  // namespace rnnserve::engine::cuda
+
+namespace rnnserve::engine::cuda {
+
+// Conversions between fp32 and the reduced storage types: `bf16` selects
+// bfloat16, else IEEE half. Round to nearest even.
+cudaError_t FloatToReduced(const float* x, void* y, int64_t n, bool bf16,
+                           cudaStream_t stream);
+cudaError_t ReducedToFloat(const void* x, float* y, int64_t n, bool bf16,
+                           cudaStream_t stream);
+
+}  // namespace rnnserve::engine::cuda

@@ -2,8 +2,11 @@
 
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cudnn.h>
 
+#include <cstring>
 #include <map>
 #include <optional>
 #include <utility>
@@ -204,6 +207,55 @@ struct Residents {
   }
 };
 
+size_t ElementBytes(Precision p) {
+  return p == Precision::kFp32 ? sizeof(float) : 2;
+}
+
+// `count` floats converted on the host to `p`'s storage type, round to
+// nearest even.
+std::vector<uint16_t> ToReduced(const float* host, int64_t count, Precision p) {
+  std::vector<uint16_t> out(count);
+  for (int64_t i = 0; i < count; ++i) {
+    if (p == Precision::kBf16) {
+      const __nv_bfloat16 v = __float2bfloat16_rn(host[i]);
+      std::memcpy(&out[i], &v, 2);
+    } else {
+      const __half v = __float2half_rn(host[i]);
+      std::memcpy(&out[i], &v, 2);
+    }
+  }
+  return out;
+}
+
+// A weight matrix on the device, row-major, in the program's precision.
+struct DeviceMatrix {
+  const void* data = nullptr;
+  Precision precision = Precision::kFp32;
+
+  // The matrix from element `offset` on (a block of its rows).
+  DeviceMatrix At(int64_t offset) const {
+    return {static_cast<const char*>(data) + offset * ElementBytes(precision),
+            precision};
+  }
+};
+
+absl::StatusOr<DeviceMatrix> UploadMatrix(Residents* residents,
+                                          const float* host, int64_t count,
+                                          Precision p) {
+  if (p == Precision::kFp32) {
+    ASSIGN_OR_RETURN(const float* d, residents->Upload(host, count));
+    return DeviceMatrix{d, p};
+  }
+  const std::vector<uint16_t> reduced = ToReduced(host, count, p);
+  DeviceBuffer b;
+  RETURN_IF_ERROR(b.Reserve(std::max<int64_t>(1, count) * 2));
+  RETURN_IF_CUDA(cudaMemcpy(b.as<void>(), reduced.data(), count * 2,
+                            cudaMemcpyHostToDevice));
+  const void* d = b.as<void>();
+  residents->Adopt(std::move(b), count * 2);
+  return DeviceMatrix{d, p};
+}
+
 // The dropout descriptor every cuDNN RNN descriptor must name. Inference
 // applies no dropout, but cuDNN wants an initialized descriptor (with its
 // random states) all the same; one per program, shared by its RNN
@@ -238,6 +290,7 @@ struct Lowering {
   Residents* residents;
   cudnnHandle_t cudnn;  // for weight-space queries at compile time
   std::shared_ptr<DropoutState> dropout;
+  Precision precision = Precision::kFp32;
 };
 
 class SubProgram;
@@ -347,9 +400,12 @@ class EmbeddingOp : public Op {
 
 // y = x W^T + b through cuBLAS. Row-major y [rows, n] is column-major
 // y^T [n, rows] = W [n, in] (column-major W^T, so transposed) times x^T.
-absl::Status LinearProduct(const Context& ctx, const float* weight,
+// In reduced precision x is converted into `staging` first and the product
+// accumulates in fp32 into the fp32 y.
+absl::Status LinearProduct(const Context& ctx, const DeviceMatrix& weight,
                            const float* bias, int64_t n, int64_t in,
-                           const float* x, int64_t rows, float* y) {
+                           const float* x, int64_t rows, float* y,
+                           DeviceBuffer* staging) {
   if (rows == 0) return absl::OkStatus();
   float beta = 0.0f;
   if (bias != nullptr) {
@@ -357,32 +413,47 @@ absl::Status LinearProduct(const Context& ctx, const float* weight,
     beta = 1.0f;
   }
   const float alpha = 1.0f;
-  RETURN_IF_CUBLAS(cublasSgemm(ctx.cublas, CUBLAS_OP_T, CUBLAS_OP_N,
-                               static_cast<int>(n), static_cast<int>(rows),
-                               static_cast<int>(in), &alpha, weight,
-                               static_cast<int>(in), x, static_cast<int>(in),
-                               &beta, y, static_cast<int>(n)));
+  if (weight.precision == Precision::kFp32) {
+    RETURN_IF_CUBLAS(cublasSgemm(
+        ctx.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n),
+        static_cast<int>(rows), static_cast<int>(in), &alpha,
+        static_cast<const float*>(weight.data), static_cast<int>(in), x,
+        static_cast<int>(in), &beta, y, static_cast<int>(n)));
+    return absl::OkStatus();
+  }
+  const bool bf16 = weight.precision == Precision::kBf16;
+  RETURN_IF_ERROR(staging->Reserve(rows * in * 2));
+  RETURN_IF_CUDA(
+      FloatToReduced(x, staging->as<void>(), rows * in, bf16, ctx.stream));
+  const cudaDataType_t type = bf16 ? CUDA_R_16BF : CUDA_R_16F;
+  RETURN_IF_CUBLAS(cublasGemmEx(
+      ctx.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n),
+      static_cast<int>(rows), static_cast<int>(in), &alpha, weight.data, type,
+      static_cast<int>(in), staging->as<void>(), type, static_cast<int>(in),
+      &beta, y, CUDA_R_32F, static_cast<int>(n), CUBLAS_COMPUTE_32F,
+      CUBLAS_GEMM_DEFAULT));
   return absl::OkStatus();
 }
 
 class LinearOp : public Op {
  public:
-  LinearOp(const Layer& layer, int64_t in, const float* weight,
+  LinearOp(const Layer& layer, int64_t in, DeviceMatrix weight,
            const float* bias)
       : type_(layer.output_type(0)), in_(in), weight_(weight), bias_(bias) {}
   absl::Status Run(const std::vector<const DValue*>& in,
-                   const std::vector<DValue*>& out, OpState*,
+                   const std::vector<DValue*>& out, OpState* st,
                    const Context& ctx) const override {
     const DValue& x = *in[0];
     RETURN_IF_ERROR(out[0]->Reshape(type_, x.rows, x.layout));
+    st->buffers.resize(1);
     return LinearProduct(ctx, weight_, bias_, type_.width, in_, x.data(),
-                         x.rows, out[0]->data());
+                         x.rows, out[0]->data(), &st->buffers[0]);
   }
 
  private:
   PortType type_;
   int64_t in_;
-  const float* weight_;
+  DeviceMatrix weight_;
   const float* bias_;
 };
 
@@ -577,7 +648,19 @@ struct RnnShape {
   int64_t hidden = 0;
   bool bidirectional = false;
   int layers = 1;
+  Precision precision = Precision::kFp32;
 };
+
+cudnnDataType_t CudnnType(Precision p) {
+  switch (p) {
+    case Precision::kFp16:
+      return CUDNN_DATA_HALF;
+    case Precision::kBf16:
+      return CUDNN_DATA_BFLOAT16;
+    default:
+      return CUDNN_DATA_FLOAT;
+  }
+}
 
 absl::Status SetRnnDescriptor(cudnnRNNDescriptor_t desc, const RnnShape& s,
                               const DropoutState& dropout) {
@@ -597,11 +680,14 @@ absl::Status SetRnnDescriptor(cudnnRNNDescriptor_t desc, const RnnShape& s,
       break;
   }
   // FMA math keeps fp32 products in fp32 (no TF32), so results stay within
-  // the parity bound of the CPU engine.
+  // the parity bound of the CPU engine; reduced precision stores half or
+  // bfloat16 and accumulates in fp32 on tensor cores.
+  const bool fp32 = s.precision == Precision::kFp32;
   RETURN_IF_CUDNN(cudnnSetRNNDescriptor_v8(
       desc, CUDNN_RNN_ALGO_STANDARD, mode, CUDNN_RNN_DOUBLE_BIAS,
       s.bidirectional ? CUDNN_BIDIRECTIONAL : CUDNN_UNIDIRECTIONAL,
-      CUDNN_LINEAR_INPUT, CUDNN_DATA_FLOAT, CUDNN_DATA_FLOAT, CUDNN_FMA_MATH,
+      CUDNN_LINEAR_INPUT, CudnnType(s.precision), CUDNN_DATA_FLOAT,
+      fp32 ? CUDNN_FMA_MATH : CUDNN_TENSOR_OP_MATH,
       static_cast<int32_t>(s.input), static_cast<int32_t>(s.hidden),
       static_cast<int32_t>(s.hidden), s.layers, dropout.desc,
       CUDNN_RNN_PADDED_IO_DISABLED));
@@ -634,6 +720,7 @@ absl::StatusOr<std::pair<const float*, size_t>> UploadWeightSpace(
   DeviceBuffer probe;
   RETURN_IF_ERROR(probe.Reserve(space_bytes));
   const char* base = probe.as<char>();
+  const size_t element = ElementBytes(shape.precision);
   PlaceFn place = [&](int pseudo_layer, int id)
       -> absl::StatusOr<std::pair<ParamPlace, ParamPlace>> {
     void* m_addr = nullptr;
@@ -648,7 +735,7 @@ absl::StatusOr<std::pair<const float*, size_t>> UploadWeightSpace(
       RETURN_IF_CUDNN(cudnnGetTensorNdDescriptor(t, 3, &type, &nb, dims,
                                                  strides));
       p->offset = (static_cast<const char*>(addr) - base) /
-                  static_cast<int64_t>(sizeof(float));
+                  static_cast<int64_t>(element);
       // cuDNN describes a matrix as [1, rows, cols] and a bias as
       // [1, rows, 1]; read a layout without the leading 1 the same way.
       // FillWeightSpace checks the result against the engine's shapes.
@@ -666,21 +753,32 @@ absl::StatusOr<std::pair<const float*, size_t>> UploadWeightSpace(
     RETURN_IF_ERROR(describe(cleanup.b, b_addr, &places.second));
     return places;
   };
-  const int64_t floats = space_bytes / sizeof(float);
-  std::vector<float> image(floats);
+  const int64_t elements = space_bytes / element;
+  std::vector<float> image(elements);
   RETURN_IF_ERROR(FillWeightSpace(shape.cell, arrays, place, image.data(),
-                                  floats));
-  RETURN_IF_CUDA(cudaMemcpy(probe.as<float>(), image.data(), space_bytes,
-                            cudaMemcpyHostToDevice));
+                                  elements));
+  if (shape.precision == Precision::kFp32) {
+    RETURN_IF_CUDA(cudaMemcpy(probe.as<float>(), image.data(), space_bytes,
+                              cudaMemcpyHostToDevice));
+  } else {
+    const std::vector<uint16_t> reduced =
+        ToReduced(image.data(), elements, shape.precision);
+    RETURN_IF_CUDA(cudaMemcpy(probe.as<void>(), reduced.data(),
+                              elements * 2, cudaMemcpyHostToDevice));
+  }
+  // The space holds the program's storage type; the op passes it to cuDNN
+  // untyped.
   const float* space = probe.as<float>();
   lw.residents->Adopt(std::move(probe), space_bytes);
   return std::make_pair(space, space_bytes);
 }
 
 // One recurrent layer, both directions of a bidirectional one, or a fused
-// stack of either (rnn_plan.h), as one cuDNN call on the packed batch. Ports as the CPU layer's: output, state
-// (final, caller order) and, for the LSTM, cell (final); initial states
-// from the state and cell inputs.
+// stack of either (rnn_plan.h), as one cuDNN call on the packed batch.
+// Ports as the CPU layer's: output, state (final, caller order) and, for
+// the LSTM, cell (final); initial states from the state and cell inputs.
+// In reduced precision the sequences and states are converted on the way
+// in and out; values between layers stay fp32.
 class CudnnRnnOp : public Op {
  public:
   CudnnRnnOp(const Layer& layer, RnnShape shape, const float* space,
@@ -712,25 +810,37 @@ class CudnnRnnOp : public Op {
     const RnnDescriptors& d = *st->rnn;
     const int64_t batch = l.batch(), h = shape_.hidden;
     const int dirs = shape_.bidirectional ? 2 : 1;
+    const cudnnDataType_t type = CudnnType(shape_.precision);
+    const bool reduced = shape_.precision != Precision::kFp32;
+    const bool bf16 = shape_.precision == Precision::kBf16;
     SortedLengths(l, &st->host_lengths);
     const int max_len = static_cast<int>(l.max_length());
     RETURN_IF_CUDNN(cudnnSetRNNDataDescriptor(
-        d.x, CUDNN_DATA_FLOAT, CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_PACKED,
+        d.x, type, CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_PACKED,
         max_len, static_cast<int>(batch), static_cast<int>(shape_.input),
         st->host_lengths.data(), nullptr));
     RETURN_IF_CUDNN(cudnnSetRNNDataDescriptor(
-        d.y, CUDNN_DATA_FLOAT, CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_PACKED,
+        d.y, type, CUDNN_RNN_DATA_LAYOUT_SEQ_MAJOR_PACKED,
         max_len, static_cast<int>(batch), static_cast<int>(dirs * h),
         st->host_lengths.data(), nullptr));
     const int states = dirs * shape_.layers;
     const int dims[3] = {states, static_cast<int>(batch), static_cast<int>(h)};
     const int strides[3] = {static_cast<int>(batch * h), static_cast<int>(h),
                             1};
-    RETURN_IF_CUDNN(cudnnSetTensorNdDescriptor(d.h, CUDNN_DATA_FLOAT, 3,
-                                               dims, strides));
+    RETURN_IF_CUDNN(cudnnSetTensorNdDescriptor(d.h, type, 3, dims, strides));
 
     // Buffers: 0 device lengths, 1 index, 2 hx, 3 cx, 4 hy, 5 cy,
-    // 6 workspace, 7 reserve.
+    // 6 workspace, 7 reserve; in reduced precision 8 x, 9 y, 10 hx, 11 cx,
+    // 12 hy, 13 cy in the storage type.
+    // `n` floats at `from` as cuDNN's type: themselves, or converted into
+    // buffer `slot`.
+    auto as_stored = [&](const float* from, int64_t n,
+                         size_t slot) -> absl::StatusOr<const void*> {
+      if (!reduced || from == nullptr) return static_cast<const void*>(from);
+      ASSIGN_OR_RETURN(uint16_t* to, st->Scratch<uint16_t>(slot, n));
+      RETURN_IF_CUDA(FloatToReduced(from, to, n, bf16, ctx.stream));
+      return static_cast<const void*>(to);
+    };
     ASSIGN_OR_RETURN(int32_t* dev_lengths, st->Scratch<int32_t>(0, batch));
     RETURN_IF_CUDA(cudaMemcpyAsync(dev_lengths, st->host_lengths.data(),
                                    batch * sizeof(int32_t),
@@ -762,12 +872,27 @@ class CudnnRnnOp : public Op {
     const bool want_c = lstm && needed_.size() > 2 && needed_[2];
     float* hy = nullptr;
     float* cy = nullptr;
+    void* hy_stored = nullptr;
+    void* cy_stored = nullptr;
+    const int64_t state_count = states * batch * h;
     if (want_h) {
-      ASSIGN_OR_RETURN(hy, st->Scratch<float>(4, states * batch * h));
+      ASSIGN_OR_RETURN(hy, st->Scratch<float>(4, state_count));
+      hy_stored = hy;
+      if (reduced) {
+        ASSIGN_OR_RETURN(hy_stored, st->Scratch<uint16_t>(12, state_count));
+      }
     }
     if (want_c) {
-      ASSIGN_OR_RETURN(cy, st->Scratch<float>(5, states * batch * h));
+      ASSIGN_OR_RETURN(cy, st->Scratch<float>(5, state_count));
+      cy_stored = cy;
+      if (reduced) {
+        ASSIGN_OR_RETURN(cy_stored, st->Scratch<uint16_t>(13, state_count));
+      }
     }
+    ASSIGN_OR_RETURN(const void* x_stored,
+                     as_stored(x.data(), x.rows * shape_.input, 8));
+    ASSIGN_OR_RETURN(const void* hx_stored, as_stored(hx, batch * h, 10));
+    ASSIGN_OR_RETURN(const void* cx_stored, as_stored(cx, batch * h, 11));
 
     size_t work_bytes = 0, reserve_bytes = 0;
     RETURN_IF_CUDNN(cudnnGetRNNTempSpaceSizes(ctx.cudnn, d.rnn,
@@ -779,11 +904,28 @@ class CudnnRnnOp : public Op {
 
     DValue& y = *out[0];
     RETURN_IF_ERROR(y.Reshape(layer_.output_type(0), x.rows, x.layout));
+    void* y_stored = y.data();
+    const int64_t y_count = x.rows * dirs * h;
+    if (reduced) {
+      ASSIGN_OR_RETURN(y_stored, st->Scratch<uint16_t>(9, y_count));
+    }
     RETURN_IF_CUDNN(cudnnRNNForward(
         ctx.cudnn, d.rnn, CUDNN_FWD_MODE_INFERENCE, dev_lengths, d.x,
-        x.data(), d.y, y.data(), d.h, hx, hy, d.h, cx, cy,
-        space_bytes_, const_cast<float*>(space_), work_bytes, work,
+        x_stored, d.y, y_stored, d.h, hx_stored, hy_stored, d.h, cx_stored,
+        cy_stored, space_bytes_, const_cast<float*>(space_), work_bytes, work,
         reserve_bytes, reserve));
+    if (reduced) {
+      RETURN_IF_CUDA(
+          ReducedToFloat(y_stored, y.data(), y_count, bf16, ctx.stream));
+      if (want_h) {
+        RETURN_IF_CUDA(
+            ReducedToFloat(hy_stored, hy, state_count, bf16, ctx.stream));
+      }
+      if (want_c) {
+        RETURN_IF_CUDA(
+            ReducedToFloat(cy_stored, cy, state_count, bf16, ctx.stream));
+      }
+    }
 
     // Final states back to caller order (one direction: layers that expose
     // them are never fused).
@@ -824,8 +966,8 @@ class CudnnRnnOp : public Op {
 class GruResetBeforeOp : public Op {
  public:
   GruResetBeforeOp(const Layer& layer, int64_t input, int64_t hidden,
-                   const float* weight_ih, const float* bias,
-                   const float* weight_hh, std::vector<bool> needed)
+                   DeviceMatrix weight_ih, const float* bias,
+                   DeviceMatrix weight_hh, std::vector<bool> needed)
       : layer_(layer),
         input_(input),
         hidden_(hidden),
@@ -841,15 +983,17 @@ class GruResetBeforeOp : public Op {
     const SequenceLayout& l = *x.layout;
     const int64_t h = hidden_, batch = l.batch();
     // Buffers: 0 projections [rows, 3h], 1 r|z products [batch, 2h],
-    // 2 reset state, 3 n products, 4 initial state (sorted), 5 index.
+    // 2 reset state, 3 n products, 4 initial state (sorted), 5 index,
+    // 6 reduced-precision staging.
     ASSIGN_OR_RETURN(float* xproj, st->Scratch<float>(0, x.rows * 3 * h));
     ASSIGN_OR_RETURN(float* hr, st->Scratch<float>(1, batch * 2 * h));
     ASSIGN_OR_RETURN(float* reset, st->Scratch<float>(2, batch * h));
     ASSIGN_OR_RETURN(float* hn, st->Scratch<float>(3, batch * h));
     ASSIGN_OR_RETURN(float* h0, st->Scratch<float>(4, batch * h));
-    RETURN_IF_ERROR(
-        LinearProduct(ctx, weight_ih_, bias_, 3 * h, input_, x.data(), x.rows,
-                      xproj));
+    st->buffers.resize(std::max<size_t>(st->buffers.size(), 7));
+    DeviceBuffer* staging = &st->buffers[6];
+    RETURN_IF_ERROR(LinearProduct(ctx, weight_ih_, bias_, 3 * h, input_,
+                                  x.data(), x.rows, xproj, staging));
     if (in.size() > 1 && in[1] != nullptr) {
       st->host_index.resize(batch);
       for (int64_t s = 0; s < batch; ++s) {
@@ -869,11 +1013,11 @@ class GruResetBeforeOp : public Op {
       // step's first `live` rows are these rows' states.
       const float* prev = t == 0 ? h0 : y.data() + l.offset(t - 1) * h;
       const float* xt = xproj + l.offset(t) * 3 * h;
-      RETURN_IF_ERROR(
-          LinearProduct(ctx, weight_hh_, nullptr, 2 * h, h, prev, live, hr));
+      RETURN_IF_ERROR(LinearProduct(ctx, weight_hh_, nullptr, 2 * h, h, prev,
+                                    live, hr, staging));
       RETURN_IF_CUDA(GruResetState(xt, hr, prev, live, h, reset, ctx.stream));
-      RETURN_IF_ERROR(LinearProduct(ctx, weight_hh_ + 2 * h * h, nullptr, h, h,
-                                    reset, live, hn));
+      RETURN_IF_ERROR(LinearProduct(ctx, weight_hh_.At(2 * h * h), nullptr, h,
+                                    h, reset, live, hn, staging));
       RETURN_IF_CUDA(GruUpdate(xt, hr, hn, prev, live, h,
                                y.data() + l.offset(t) * h, ctx.stream));
     }
@@ -895,9 +1039,9 @@ class GruResetBeforeOp : public Op {
  private:
   const Layer& layer_;
   int64_t input_, hidden_;
-  const float* weight_ih_;
+  DeviceMatrix weight_ih_;
   const float* bias_;
-  const float* weight_hh_;
+  DeviceMatrix weight_hh_;
   std::vector<bool> needed_;
 };
 
@@ -947,15 +1091,17 @@ absl::StatusOr<std::unique_ptr<Op>> LowerRecurrent(
     // Every bias folds into the input projection in this form.
     std::vector<float> bias(3 * h);
     for (int64_t i = 0; i < 3 * h; ++i) bias[i] = r.bias_ih[i] + r.bias_hh[i];
-    ASSIGN_OR_RETURN(const float* w_ih,
-                     lw.residents->Upload(r.weight_ih.data(), 3 * h * input));
+    ASSIGN_OR_RETURN(DeviceMatrix w_ih,
+                     UploadMatrix(lw.residents, r.weight_ih.data(),
+                                  3 * h * input, lw.precision));
     ASSIGN_OR_RETURN(const float* b, lw.residents->Upload(bias.data(), 3 * h));
-    ASSIGN_OR_RETURN(const float* w_hh,
-                     lw.residents->Upload(r.weight_hh.data(), 3 * h * h));
+    ASSIGN_OR_RETURN(DeviceMatrix w_hh,
+                     UploadMatrix(lw.residents, r.weight_hh.data(), 3 * h * h,
+                                  lw.precision));
     return std::unique_ptr<Op>(
         new GruResetBeforeOp(layer, input, h, w_ih, b, w_hh, needed));
   }
-  RnnShape shape{cell, input, h, false};
+  RnnShape shape{cell, input, h, false, 1, lw.precision};
   ASSIGN_OR_RETURN(auto space, UploadWeightSpace(shape, {r.view}, lw));
   return std::unique_ptr<Op>(new CudnnRnnOp(layer, shape, space.first,
                                             space.second, needed, lw.dropout));
@@ -1090,7 +1236,7 @@ absl::StatusOr<std::unique_ptr<Op>> LowerBidirectional(const Layer& layer,
     ASSIGN_OR_RETURN(RnnCell cell, CellOf(*f));
     ASSIGN_OR_RETURN(LoadedRecurrent fw, LoadRecurrent(*f, input, lw));
     ASSIGN_OR_RETURN(LoadedRecurrent bw, LoadRecurrent(*b, input, lw));
-    RnnShape shape{cell, input, f->spec().size(), true};
+    RnnShape shape{cell, input, f->spec().size(), true, 1, lw.precision};
     ASSIGN_OR_RETURN(auto space,
                      UploadWeightSpace(shape, {fw.view, bw.view}, lw));
     return std::unique_ptr<Op>(new CudnnRnnOp(
@@ -1146,8 +1292,8 @@ absl::StatusOr<std::unique_ptr<Op>> LowerFusedRun(const Graph& graph,
   const Layer* backward = nullptr;
   const Layer* forward = CudnnRecurrence(graph.layer(first), &backward);
   ASSIGN_OR_RETURN(RnnCell cell, CellOf(*forward));
-  RnnShape shape{cell, input, forward->spec().size(), backward != nullptr,
-                 last - first + 1};
+  RnnShape shape{cell,         input, forward->spec().size(),
+                 backward != nullptr, last - first + 1, lw.precision};
   const int64_t dirs = shape.bidirectional ? 2 : 1;
   std::vector<LoadedRecurrent> loaded;
   for (int n = first; n <= last; ++n) {
@@ -1199,7 +1345,8 @@ absl::StatusOr<std::unique_ptr<Op>> LowerNode(const Layer& layer,
     const int64_t n = layer.output_type(0).width;
     ASSIGN_OR_RETURN(auto w, Array(layer, lw, "weight", {n, input}));
     ASSIGN_OR_RETURN(auto b, Array(layer, lw, "bias", {n}));
-    ASSIGN_OR_RETURN(const float* dw, lw.residents->Upload(w.data(), n * input));
+    ASSIGN_OR_RETURN(DeviceMatrix dw, UploadMatrix(lw.residents, w.data(),
+                                                   n * input, lw.precision));
     ASSIGN_OR_RETURN(const float* db, lw.residents->Upload(b.data(), n));
     return std::unique_ptr<Op>(new LinearOp(layer, input, dw, db));
   }
@@ -1466,15 +1613,9 @@ class CudaProgram : public DeviceProgram {
 
 absl::StatusOr<std::unique_ptr<DeviceProgram>> Compile(
     const Graph& graph, WeightSource* weights, const NetOptions& options) {
-  if (options.precision != Precision::kFp32) {
-    // TODO: reduced-precision weight spaces (cuDNN dataType HALF or BFLOAT16
-    // with tensor-op math) and cublasGemmEx for the products.
-    return absl::UnimplementedError(absl::StrFormat(
-        "precision %s is not implemented by the CUDA backend yet; use fp32",
-        PrecisionName(options.precision)));
-  }
   ASSIGN_OR_RETURN(DeviceInfo info, ProbeDevice(options.device.ordinal));
-  const int64_t needed = graph.parameter_count() * int64_t{sizeof(float)};
+  const int64_t needed = graph.parameter_count() *
+                        static_cast<int64_t>(ElementBytes(options.precision));
   const int64_t budget = options.device_memory_budget;
   if (budget > 0 && needed > budget) {
     return absl::ResourceExhaustedError(absl::StrFormat(
@@ -1499,7 +1640,8 @@ absl::StatusOr<std::unique_ptr<DeviceProgram>> Compile(
   Residents residents;
   ASSIGN_OR_RETURN(std::shared_ptr<DropoutState> dropout,
                    MakeDropout());
-  Lowering lw{weights, &residents, compile_ctx.cudnn, dropout};
+  Lowering lw{weights, &residents, compile_ctx.cudnn, dropout,
+              options.precision};
   ASSIGN_OR_RETURN(auto main, SubProgram::Lower(graph, lw));
   if (budget > 0 && residents.bytes > budget) {
     return absl::ResourceExhaustedError(absl::StrFormat(

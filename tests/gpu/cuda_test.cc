@@ -167,6 +167,51 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, CudaParity, testing::ValuesIn(CaseNames()),
                            return info.param;
                          });
 
+// Reduced precision: weights and the products' inputs in fp16 or bf16,
+// fp32 accumulation; within 1e-2 of the CPU engine.
+struct PrecisionCase {
+  std::string fixture;
+  Precision precision;
+};
+
+std::vector<PrecisionCase> PrecisionCases() {
+  std::vector<PrecisionCase> cases;
+  for (const std::string& name : CaseNames()) {
+    cases.push_back({name, Precision::kFp16});
+    cases.push_back({name, Precision::kBf16});
+  }
+  return cases;
+}
+
+class CudaReducedPrecision : public testing::TestWithParam<PrecisionCase> {};
+
+TEST_P(CudaReducedPrecision, StaysWithinOnePercentOfTheCpuEngine) {
+  Case cpu;
+  ASSERT_NO_FATAL_FAILURE(LoadCase(GetParam().fixture, &cpu));
+  NetOptions options = OnGpu();
+  options.precision = GetParam().precision;
+  auto model = Model::Load(FixtureRoot() + "/" + GetParam().fixture, options);
+  if (!model.ok() && model.status().code() == absl::StatusCode::kUnimplemented) {
+    GTEST_SKIP() << model.status();
+  }
+  ASSERT_TRUE(model.ok()) << model.status();
+  Execution cpu_exec = cpu.model->net().NewExecution();
+  Execution gpu_exec = (*model)->net().NewExecution();
+  NetOutputs want, got;
+  ASSERT_TRUE(cpu.model->net().Run(cpu.inputs, &cpu_exec, &want).ok());
+  absl::Status run = (*model)->net().Run(cpu.inputs, &gpu_exec, &got);
+  ASSERT_TRUE(run.ok()) << run;
+  const double worst = WorstError(want, got);
+  EXPECT_LE(worst, 1e-2);
+  RecordProperty("max_rel_error", std::to_string(worst));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Fixtures, CudaReducedPrecision, testing::ValuesIn(PrecisionCases()),
+    [](const testing::TestParamInfo<PrecisionCase>& info) {
+      return info.param.fixture + "_" + PrecisionName(info.param.precision);
+    });
+
 // The shipped example models on a batch of random strings.
 class CudaExamples : public testing::TestWithParam<std::string> {};
 
