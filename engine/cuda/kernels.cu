@@ -255,6 +255,77 @@ __global__ void FromBf16Kernel(const __nv_bfloat16* x, float* __restrict__ y,
   }
 }
 
+// Block-wide reduction through shared memory; every thread gets the result.
+template <bool kMax>
+__device__ float BlockReduce(float v, float* shared) {
+  shared[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+      const float o = shared[threadIdx.x + s];
+      shared[threadIdx.x] =
+          kMax ? fmaxf(shared[threadIdx.x], o) : shared[threadIdx.x] + o;
+    }
+    __syncthreads();
+  }
+  const float r = shared[0];
+  __syncthreads();
+  return r;
+}
+
+__global__ void AttentionKernel(const float* __restrict__ query,
+                                const float* __restrict__ keys, int64_t width,
+                                const float* __restrict__ vector,
+                                const float* __restrict__ bias,
+                                const float* __restrict__ values,
+                                int64_t value_width,
+                                const int32_t* __restrict__ offsets,
+                                const int32_t* __restrict__ position,
+                                const int32_t* __restrict__ length,
+                                float* __restrict__ weights,
+                                float* __restrict__ context) {
+  __shared__ float shared[kThreads];
+  const int64_t i = blockIdx.x;
+  const int64_t s = position[i], len = length[i];
+  const float* q = query + i * width;
+  float local_max = -INFINITY;
+  for (int64_t t = threadIdx.x; t < len; t += blockDim.x) {
+    const int64_t row = offsets[t] + s;
+    const float* k = keys + row * width;
+    float score = 0.0f;
+    if (vector != nullptr) {
+      for (int64_t j = 0; j < width; ++j) {
+        score += vector[j] * tanhf(q[j] + k[j] + bias[j]);
+      }
+    } else {
+      for (int64_t j = 0; j < width; ++j) score += q[j] * k[j];
+    }
+    weights[row] = score;
+    local_max = fmaxf(local_max, score);
+  }
+  const float max = BlockReduce<true>(local_max, shared);
+  float local_sum = 0.0f;
+  for (int64_t t = threadIdx.x; t < len; t += blockDim.x) {
+    const int64_t row = offsets[t] + s;
+    const float e = expf(weights[row] - max);
+    weights[row] = e;
+    local_sum += e;
+  }
+  const float inv = 1.0f / BlockReduce<false>(local_sum, shared);
+  for (int64_t t = threadIdx.x; t < len; t += blockDim.x) {
+    weights[offsets[t] + s] *= inv;
+  }
+  __syncthreads();
+  for (int64_t j = threadIdx.x; j < value_width; j += blockDim.x) {
+    float c = 0.0f;
+    for (int64_t t = 0; t < len; ++t) {
+      const int64_t row = offsets[t] + s;
+      c += weights[row] * values[row * value_width + j];
+    }
+    context[i * value_width + j] = c;
+  }
+}
+
 }  // namespace
 
 cudaError_t FloatToReduced(const float* x, void* y, int64_t n, bool bf16,
@@ -386,6 +457,19 @@ cudaError_t RnnStep(const float* gx, const float* gh, int64_t rows, int64_t h,
   if (rows == 0) return cudaSuccess;
   RnnStepKernel<<<Blocks(rows * h), kThreads, 0, stream>>>(gx, gh, rows, h,
                                                            relu, state);
+  return cudaGetLastError();
+}
+
+cudaError_t Attention(const float* query, const float* keys, int64_t width,
+                      const float* vector, const float* bias,
+                      const float* values, int64_t value_width,
+                      const int32_t* offsets, const int32_t* position,
+                      const int32_t* length, int64_t batch, float* weights,
+                      float* context, cudaStream_t stream) {
+  if (batch == 0) return cudaSuccess;
+  AttentionKernel<<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
+      query, keys, width, vector, bias, values, value_width, offsets,
+      position, length, weights, context);
   return cudaGetLastError();
 }
 

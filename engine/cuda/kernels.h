@@ -99,3 +99,20 @@ cudaError_t ReducedToFloat(const void* x, float* y, int64_t n, bool bf16,
                            cudaStream_t stream);
 
 }  // namespace rnnserve::engine::cuda
+
+namespace rnnserve::engine::cuda {
+
+// Attention of one query per instance over its sequence, one block per
+// instance. Instance i's rows are offsets[t] + position[i] for t <
+// length[i]. Scores are query . key (keys [rows, width], query [batch,
+// width]) or, when `vector` is given, vector . tanh(query + key + bias)
+// with keys already projected. Writes the softmaxed scores to weights
+// [rows] and sum_t weight_t * values_t to context [batch, value_width].
+cudaError_t Attention(const float* query, const float* keys, int64_t width,
+                      const float* vector, const float* bias,
+                      const float* values, int64_t value_width,
+                      const int32_t* offsets, const int32_t* position,
+                      const int32_t* length, int64_t batch, float* weights,
+                      float* context, cudaStream_t stream);
+
+}  // namespace rnnserve::engine::cuda

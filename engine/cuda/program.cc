@@ -102,16 +102,33 @@ struct DValue {
   int64_t rows = 0;
   const SequenceLayout* layout = nullptr;
   DeviceBuffer buffer;
+  // When set, the rows live here (inside another value) instead.
+  void* view = nullptr;
 
   absl::Status Reshape(const PortType& t, int64_t n, const SequenceLayout* l) {
     type = t;
     rows = n;
     layout = l;
+    view = nullptr;
     return buffer.Reserve(
         std::max<size_t>(1, n * (t.tokens ? 1 : t.width) * sizeof(float)));
   }
-  float* data() const { return buffer.as<float>(); }
-  int32_t* ids() const { return buffer.as<int32_t>(); }
+  // Rows [first, first + n) of `of`, without a copy.
+  void View(const DValue& of, int64_t first, int64_t n, const PortType& t) {
+    type = t;
+    rows = n;
+    layout = nullptr;
+    view = static_cast<char*>(of.view != nullptr ? of.view
+                                                 : of.buffer.as<void>()) +
+           first * (t.tokens ? 1 : t.width) * 4;
+  }
+  float* data() const {
+    return view != nullptr ? static_cast<float*>(view) : buffer.as<float>();
+  }
+  int32_t* ids() const {
+    return view != nullptr ? static_cast<int32_t*>(view)
+                           : buffer.as<int32_t>();
+  }
   int64_t floats() const { return rows * type.width; }
 };
 
@@ -1045,6 +1062,105 @@ class GruResetBeforeOp : public Op {
   std::vector<bool> needed_;
 };
 
+// An LSTM whose cell-state sequence is read (the "cells" port), which
+// cuDNN does not give: the input projection for the whole batch, then per
+// step one product and the cell kernel on the live rows, writing each
+// step's states and cells in place.
+class LstmWithCellsOp : public Op {
+ public:
+  LstmWithCellsOp(const Layer& layer, int64_t input, int64_t hidden,
+                  DeviceMatrix weight_ih, const float* bias_ih,
+                  DeviceMatrix weight_hh, const float* bias_hh,
+                  std::vector<bool> needed)
+      : layer_(layer),
+        input_(input),
+        hidden_(hidden),
+        weight_ih_(weight_ih),
+        bias_ih_(bias_ih),
+        weight_hh_(weight_hh),
+        bias_hh_(bias_hh),
+        needed_(std::move(needed)) {}
+
+  absl::Status Run(const std::vector<const DValue*>& in,
+                   const std::vector<DValue*>& out, OpState* st,
+                   const Context& ctx) const override {
+    const DValue& x = *in[0];
+    const SequenceLayout& l = *x.layout;
+    const int64_t h = hidden_, g = 4 * h, batch = l.batch();
+    // Buffers: 0 projections [rows, 4h], 1 recurrent products [batch, 4h],
+    // 2 initial state, 3 initial cell, 4 index, 5 staging.
+    st->buffers.resize(std::max<size_t>(st->buffers.size(), 6));
+    ASSIGN_OR_RETURN(float* xproj, st->Scratch<float>(0, x.rows * g));
+    ASSIGN_OR_RETURN(float* gh, st->Scratch<float>(1, batch * g));
+    ASSIGN_OR_RETURN(float* h0, st->Scratch<float>(2, batch * h));
+    ASSIGN_OR_RETURN(float* c0, st->Scratch<float>(3, batch * h));
+    DeviceBuffer* staging = &st->buffers[5];
+    RETURN_IF_ERROR(LinearProduct(ctx, weight_ih_, bias_ih_, g, input_,
+                                  x.data(), x.rows, xproj, staging));
+    st->host_index.resize(batch);
+    for (int64_t s = 0; s < batch; ++s) {
+      st->host_index[s] = static_cast<int32_t>(l.original_index(s));
+    }
+    ASSIGN_OR_RETURN(const int32_t* order, st->UploadIndex(4, ctx));
+    for (int k = 0; k < 2; ++k) {
+      float* to = k == 0 ? h0 : c0;
+      const DValue* from =
+          static_cast<int>(in.size()) > 1 + k ? in[1 + k] : nullptr;
+      if (from == nullptr) {
+        RETURN_IF_CUDA(
+            cudaMemsetAsync(to, 0, batch * h * sizeof(float), ctx.stream));
+      } else {
+        RETURN_IF_CUDA(
+            GatherRows(from->data(), h, order, batch, to, ctx.stream));
+      }
+    }
+    DValue& y = *out[0];
+    DValue& cells = *out[3];
+    RETURN_IF_ERROR(y.Reshape(layer_.output_type(0), x.rows, x.layout));
+    RETURN_IF_ERROR(cells.Reshape(layer_.output_type(3), x.rows, x.layout));
+    for (int64_t t = 0; t < l.max_length(); ++t) {
+      const int64_t live = l.batch_size(t), off = l.offset(t);
+      // The live rows lead, so the previous step's first `live` rows hold
+      // these rows' states; copy them into place and update them there.
+      const float* prev_h = t == 0 ? h0 : y.data() + l.offset(t - 1) * h;
+      const float* prev_c = t == 0 ? c0 : cells.data() + l.offset(t - 1) * h;
+      RETURN_IF_CUDA(cudaMemcpyAsync(y.data() + off * h, prev_h,
+                                     live * h * sizeof(float),
+                                     cudaMemcpyDeviceToDevice, ctx.stream));
+      RETURN_IF_CUDA(cudaMemcpyAsync(cells.data() + off * h, prev_c,
+                                     live * h * sizeof(float),
+                                     cudaMemcpyDeviceToDevice, ctx.stream));
+      RETURN_IF_ERROR(LinearProduct(ctx, weight_hh_, bias_hh_, g, h,
+                                    y.data() + off * h, live, gh, staging));
+      RETURN_IF_CUDA(LstmStep(xproj + off * g, gh, live, h, y.data() + off * h,
+                              cells.data() + off * h, ctx.stream));
+    }
+    // Final state and cell, in caller order.
+    st->host_index.resize(batch);
+    for (int64_t i = 0; i < batch; ++i) {
+      const int64_t s = l.sorted_position(i);
+      st->host_index[i] = static_cast<int32_t>(l.row(s, l.sorted_length(s) - 1));
+    }
+    ASSIGN_OR_RETURN(const int32_t* last, st->UploadIndex(4, ctx));
+    for (int k = 1; k <= 2; ++k) {
+      if (needed_.size() <= static_cast<size_t>(k) || !needed_[k]) continue;
+      RETURN_IF_ERROR(out[k]->Reshape(layer_.output_type(k), batch, nullptr));
+      RETURN_IF_CUDA(GatherRows(k == 1 ? y.data() : cells.data(), h, last,
+                                batch, out[k]->data(), ctx.stream));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  const Layer& layer_;
+  int64_t input_, hidden_;
+  DeviceMatrix weight_ih_;
+  const float* bias_ih_;
+  DeviceMatrix weight_hh_;
+  const float* bias_hh_;
+  std::vector<bool> needed_;
+};
+
 absl::StatusOr<RnnCell> CellOf(const Layer& layer) {
   const std::string& type = layer.type();
   if (type == "LongShortTermMemoryLayer") return RnnCell::kLstm;
@@ -1083,10 +1199,21 @@ absl::StatusOr<std::unique_ptr<Op>> LowerRecurrent(
     Lowering& lw) {
   ASSIGN_OR_RETURN(RnnCell cell, CellOf(layer));
   const int64_t h = layer.spec().size();
-  if (cell == RnnCell::kLstm && needed.size() > 3 && needed[3]) {
-    return Unimplemented(layer, "the cell-state sequence output 'cells'");
-  }
   ASSIGN_OR_RETURN(LoadedRecurrent r, LoadRecurrent(layer, input, lw));
+  if (cell == RnnCell::kLstm && needed.size() > 3 && needed[3]) {
+    ASSIGN_OR_RETURN(DeviceMatrix w_ih,
+                     UploadMatrix(lw.residents, r.weight_ih.data(),
+                                  4 * h * input, lw.precision));
+    ASSIGN_OR_RETURN(DeviceMatrix w_hh,
+                     UploadMatrix(lw.residents, r.weight_hh.data(), 4 * h * h,
+                                  lw.precision));
+    ASSIGN_OR_RETURN(const float* b_ih,
+                     lw.residents->Upload(r.bias_ih.data(), 4 * h));
+    ASSIGN_OR_RETURN(const float* b_hh,
+                     lw.residents->Upload(r.bias_hh.data(), 4 * h));
+    return std::unique_ptr<Op>(new LstmWithCellsOp(layer, input, h, w_ih, b_ih,
+                                                   w_hh, b_hh, needed));
+  }
   if (cell == RnnCell::kGru && layer.spec().reset_before()) {
     // Every bias folds into the input projection in this form.
     std::vector<float> bias(3 * h);
@@ -1197,6 +1324,305 @@ class BidirectionalOp : public Op {
   Join join_;
   std::unique_ptr<SubProgram> forward_, backward_;
 };
+
+// NetFoldOperator and NetFoldListOperator: the cell sub-net once per
+// step on the live rows, as the CPU operator does; states stay on the
+// device in sorted order.
+// TODO: capture a step as a CUDA graph per live-row count; each step now
+// launches the cell's kernels from the host.
+class NetFoldOp : public Op {
+ public:
+  NetFoldOp(const Layer& layer, std::unique_ptr<SubProgram> cell,
+            std::vector<int64_t> widths, bool list)
+      : layer_(layer),
+        cell_(std::move(cell)),
+        widths_(std::move(widths)),
+        list_(list) {}
+  absl::Status Init(OpState* st) const override {
+    ASSIGN_OR_RETURN(auto state, cell_->NewState());
+    st->nested.push_back(std::move(state));
+    st->values.resize(1 + widths_.size());
+    return absl::OkStatus();
+  }
+  absl::Status Run(const std::vector<const DValue*>& in,
+                   const std::vector<DValue*>& out, OpState* st,
+                   const Context& ctx) const override {
+    const DValue& x = *in[0];
+    const SequenceLayout& l = *x.layout;
+    const int64_t batch = l.batch();
+    const int k = static_cast<int>(widths_.size());
+    PortType element = x.type;
+    element.sequence = false;
+    element.layout = -1;
+    // Initial states: zeros, or the inputs gathered into sorted order.
+    st->host_index.resize(batch);
+    for (int64_t s = 0; s < batch; ++s) {
+      st->host_index[s] = static_cast<int32_t>(l.original_index(s));
+    }
+    ASSIGN_OR_RETURN(const int32_t* order, st->UploadIndex(0, ctx));
+    int64_t total = 0;
+    for (int j = 0; j < k; ++j) {
+      DValue& state = st->values[1 + j];
+      const PortType type{false, false, widths_[j], -1};
+      RETURN_IF_ERROR(state.Reshape(type, batch, nullptr));
+      const DValue* initial =
+          1 + j < static_cast<int>(in.size()) ? in[1 + j] : nullptr;
+      if (initial == nullptr) {
+        RETURN_IF_CUDA(cudaMemsetAsync(state.data(), 0,
+                                       batch * widths_[j] * sizeof(float),
+                                       ctx.stream));
+      } else {
+        RETURN_IF_CUDA(GatherRows(initial->data(), widths_[j], order, batch,
+                                  state.data(), ctx.stream));
+      }
+      if (list_) {
+        RETURN_IF_ERROR(
+            out[j]->Reshape(layer_.output_type(j), x.rows, x.layout));
+      }
+      total += widths_[j];
+    }
+    ASSIGN_OR_RETURN(float* staged, st->Scratch<float>(1, batch * total));
+    std::vector<const DValue*> args(1 + k);
+    for (int64_t t = 0; t < l.max_length(); ++t) {
+      const int64_t live = l.batch_size(t);
+      st->values[0].View(x, l.offset(t), live, element);
+      args[0] = &st->values[0];
+      for (int j = 0; j < k; ++j) {
+        st->values[1 + j].rows = live;
+        args[1 + j] = &st->values[1 + j];
+      }
+      RETURN_IF_ERROR(cell_->Run(args, st->nested[0].get(), ctx));
+      // A cell may output a state input unchanged (or another's): stage
+      // every new state before replacing any.
+      float* at = staged;
+      for (int j = 0; j < k; ++j) {
+        const DValue& next = cell_->output(*st->nested[0], j);
+        const size_t bytes = live * widths_[j] * sizeof(float);
+        RETURN_IF_CUDA(cudaMemcpyAsync(at, next.data(), bytes,
+                                       cudaMemcpyDeviceToDevice, ctx.stream));
+        if (list_) {
+          RETURN_IF_CUDA(cudaMemcpyAsync(
+              out[j]->data() + l.offset(t) * widths_[j], at, bytes,
+              cudaMemcpyDeviceToDevice, ctx.stream));
+        }
+        at += live * widths_[j];
+      }
+      at = staged;
+      for (int j = 0; j < k; ++j) {
+        RETURN_IF_CUDA(cudaMemcpyAsync(st->values[1 + j].data(), at,
+                                       live * widths_[j] * sizeof(float),
+                                       cudaMemcpyDeviceToDevice, ctx.stream));
+        at += live * widths_[j];
+      }
+    }
+    if (!list_) {
+      st->host_index.resize(batch);
+      for (int64_t i = 0; i < batch; ++i) {
+        st->host_index[i] = static_cast<int32_t>(l.sorted_position(i));
+      }
+      ASSIGN_OR_RETURN(const int32_t* back, st->UploadIndex(2, ctx));
+      for (int j = 0; j < k; ++j) {
+        RETURN_IF_ERROR(out[j]->Reshape(layer_.output_type(j), batch, nullptr));
+        RETURN_IF_CUDA(GatherRows(st->values[1 + j].data(), widths_[j], back,
+                                  batch, out[j]->data(), ctx.stream));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  const Layer& layer_;
+  std::unique_ptr<SubProgram> cell_;
+  std::vector<int64_t> widths_;
+  bool list_;
+};
+
+// NetNestOperator and NetNestListOperator: the sub-net n times, its output
+// fed back as its input.
+class NetNestOp : public Op {
+ public:
+  NetNestOp(const Layer& layer, std::unique_ptr<SubProgram> net,
+            int64_t iterations, bool list)
+      : layer_(layer),
+        net_(std::move(net)),
+        iterations_(iterations),
+        list_(list) {}
+  absl::Status Init(OpState* st) const override {
+    ASSIGN_OR_RETURN(auto state, net_->NewState());
+    st->nested.push_back(std::move(state));
+    st->values.resize(1);
+    return absl::OkStatus();
+  }
+  absl::Status Run(const std::vector<const DValue*>& in,
+                   const std::vector<DValue*>& out, OpState* st,
+                   const Context& ctx) const override {
+    const DValue& x = *in[0];
+    DValue& carry = st->values[0];
+    const int64_t n = iterations_;
+    if (list_) {
+      // Every instance gets n iterates; with equal lengths the sorted order
+      // is the caller's, so iterate t of instance i is row t * batch + i.
+      st->lengths.assign(x.rows, n);
+      RETURN_IF_ERROR(st->layout.Plan(st->lengths));
+      RETURN_IF_ERROR(
+          out[0]->Reshape(layer_.output_type(0), n * x.rows, &st->layout));
+    }
+    const DValue* current = &x;
+    for (int64_t t = 0; t < n; ++t) {
+      RETURN_IF_ERROR(net_->Run({current}, st->nested[0].get(), ctx));
+      const DValue& next = net_->output(*st->nested[0], 0);
+      RETURN_IF_ERROR(carry.Reshape(x.type, next.rows, x.layout));
+      RETURN_IF_CUDA(cudaMemcpyAsync(carry.data(), next.data(),
+                                     next.floats() * sizeof(float),
+                                     cudaMemcpyDeviceToDevice, ctx.stream));
+      if (list_) {
+        RETURN_IF_CUDA(cudaMemcpyAsync(
+            out[0]->data() + t * x.rows * x.type.width, carry.data(),
+            carry.floats() * sizeof(float), cudaMemcpyDeviceToDevice,
+            ctx.stream));
+      }
+      current = &carry;
+    }
+    if (!list_) {
+      RETURN_IF_ERROR(
+          out[0]->Reshape(layer_.output_type(0), carry.rows, x.layout));
+      RETURN_IF_CUDA(cudaMemcpyAsync(out[0]->data(), carry.data(),
+                                     carry.floats() * sizeof(float),
+                                     cudaMemcpyDeviceToDevice, ctx.stream));
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  const Layer& layer_;
+  std::unique_ptr<SubProgram> net_;
+  int64_t iterations_;
+  bool list_;
+};
+
+// AttentionLayer: the query (and for additive scores the keys) projected
+// through cuBLAS, then one block per instance scores, softmaxes over the
+// instance's own elements and averages the values.
+class AttentionOp : public Op {
+ public:
+  enum class Score { kDot, kGeneral, kAdditive };
+  AttentionOp(const Layer& layer, Score score, int64_t query_width,
+              int64_t key_width, int64_t projected, DeviceMatrix query_proj,
+              DeviceMatrix key_proj, const float* bias, const float* vector)
+      : layer_(layer),
+        score_(score),
+        query_width_(query_width),
+        key_width_(key_width),
+        projected_(projected),
+        query_proj_(query_proj),
+        key_proj_(key_proj),
+        bias_(bias),
+        vector_(vector) {}
+  absl::Status Run(const std::vector<const DValue*>& in,
+                   const std::vector<DValue*>& out, OpState* st,
+                   const Context& ctx) const override {
+    const DValue& q = *in[0];
+    const DValue& keys = *in[1];
+    const DValue& values = in.size() > 2 && in[2] ? *in[2] : keys;
+    const SequenceLayout& l = *keys.layout;
+    const int64_t batch = l.batch();
+    // Buffers: 0 offsets, 1 positions, 2 lengths, 3 projected queries,
+    // 4 projected keys, 5 and 6 reduced-precision staging.
+    st->buffers.resize(std::max<size_t>(st->buffers.size(), 7));
+    st->host_index.resize(l.max_length());
+    for (int64_t t = 0; t < l.max_length(); ++t) {
+      st->host_index[t] = static_cast<int32_t>(l.offset(t));
+    }
+    ASSIGN_OR_RETURN(const int32_t* offsets, st->UploadIndex(0, ctx));
+    st->host_index.resize(batch);
+    for (int64_t i = 0; i < batch; ++i) {
+      st->host_index[i] = static_cast<int32_t>(l.sorted_position(i));
+    }
+    ASSIGN_OR_RETURN(const int32_t* position, st->UploadIndex(1, ctx));
+    for (int64_t i = 0; i < batch; ++i) {
+      st->host_index[i] = static_cast<int32_t>(l.sorted_length(l.sorted_position(i)));
+    }
+    ASSIGN_OR_RETURN(const int32_t* length, st->UploadIndex(2, ctx));
+
+    const float* query = q.data();
+    const float* key = keys.data();
+    int64_t width = query_width_;
+    if (score_ != Score::kDot) {
+      width = projected_;
+      ASSIGN_OR_RETURN(float* p, st->Scratch<float>(3, q.rows * width));
+      RETURN_IF_ERROR(LinearProduct(ctx, query_proj_, nullptr, width,
+                                    query_width_, q.data(), q.rows, p,
+                                    &st->buffers[5]));
+      query = p;
+    }
+    if (score_ == Score::kAdditive) {
+      ASSIGN_OR_RETURN(float* p, st->Scratch<float>(4, keys.rows * width));
+      RETURN_IF_ERROR(LinearProduct(ctx, key_proj_, nullptr, width,
+                                    key_width_, keys.data(), keys.rows, p,
+                                    &st->buffers[6]));
+      key = p;
+    }
+    RETURN_IF_ERROR(out[0]->Reshape(layer_.output_type(0), batch, nullptr));
+    RETURN_IF_ERROR(
+        out[1]->Reshape(layer_.output_type(1), keys.rows, keys.layout));
+    RETURN_IF_CUDA(Attention(
+        query, key, width, score_ == Score::kAdditive ? vector_ : nullptr,
+        bias_, values.data(), values.type.width, offsets, position, length,
+        batch, out[1]->data(), out[0]->data(), ctx.stream));
+    return absl::OkStatus();
+  }
+
+ private:
+  const Layer& layer_;
+  Score score_;
+  int64_t query_width_, key_width_, projected_;
+  DeviceMatrix query_proj_, key_proj_;
+  const float* bias_;
+  const float* vector_;
+};
+
+absl::StatusOr<std::unique_ptr<Op>> LowerAttention(const Layer& layer,
+                                                   int64_t query_width,
+                                                   int64_t key_width,
+                                                   Lowering& lw) {
+  const std::string& score = layer.spec().score();
+  if (score.empty() || score == "dot") {
+    return std::unique_ptr<Op>(new AttentionOp(
+        layer, AttentionOp::Score::kDot, query_width, key_width, key_width,
+        {}, {}, nullptr, nullptr));
+  }
+  if (score == "general") {
+    // q . (W k) = (W^T q) . k: the query projected by W^T [dk, dq].
+    ASSIGN_OR_RETURN(auto w, Array(layer, lw, "weight",
+                                   {query_width, key_width}));
+    std::vector<float> wt(key_width * query_width);
+    for (int64_t i = 0; i < query_width; ++i) {
+      for (int64_t j = 0; j < key_width; ++j) {
+        wt[j * query_width + i] = w[i * key_width + j];
+      }
+    }
+    ASSIGN_OR_RETURN(DeviceMatrix proj,
+                     UploadMatrix(lw.residents, wt.data(), wt.size(),
+                                  lw.precision));
+    return std::unique_ptr<Op>(new AttentionOp(
+        layer, AttentionOp::Score::kGeneral, query_width, key_width,
+        key_width, proj, {}, nullptr, nullptr));
+  }
+  const int64_t a = layer.spec().size();
+  ASSIGN_OR_RETURN(auto wq, Array(layer, lw, "query_weight", {a, query_width}));
+  ASSIGN_OR_RETURN(auto wk, Array(layer, lw, "key_weight", {a, key_width}));
+  ASSIGN_OR_RETURN(auto b, Array(layer, lw, "bias", {a}));
+  ASSIGN_OR_RETURN(auto v, Array(layer, lw, "vector", {a}));
+  ASSIGN_OR_RETURN(DeviceMatrix dq, UploadMatrix(lw.residents, wq.data(),
+                                                 a * query_width, lw.precision));
+  ASSIGN_OR_RETURN(DeviceMatrix dk, UploadMatrix(lw.residents, wk.data(),
+                                                 a * key_width, lw.precision));
+  ASSIGN_OR_RETURN(const float* db, lw.residents->Upload(b.data(), a));
+  ASSIGN_OR_RETURN(const float* dv, lw.residents->Upload(v.data(), a));
+  return std::unique_ptr<Op>(new AttentionOp(
+      layer, AttentionOp::Score::kAdditive, query_width, key_width, a, dq, dk,
+      db, dv));
+}
 
 // A sub-net that is one recurrent layer reading the sub-net's input, with
 // no initial states and only its sequence read: the shape cuDNN can run in
@@ -1327,13 +1753,14 @@ const std::map<std::string, Activation>& Activations() {
   return *functions;
 }
 
-// The op for one node. `input` is the width of the node's first input;
-// `needed` says which of its output ports anything reads.
-absl::StatusOr<std::unique_ptr<Op>> LowerNode(const Layer& layer,
-                                              int64_t input,
-                                              const std::vector<bool>& needed,
-                                              Lowering& lw) {
+// The op for one node. `widths` are the widths of the node's inputs (0
+// for an unconnected port); `needed` says which of its output ports
+// anything reads.
+absl::StatusOr<std::unique_ptr<Op>> LowerNode(
+    const Layer& layer, const std::vector<int64_t>& widths,
+    const std::vector<bool>& needed, Lowering& lw) {
   const std::string& type = layer.type();
+  const int64_t input = widths.empty() ? 0 : widths[0];
   if (type == "EmbeddingLayer") {
     const int64_t d = layer.output_type(0).width;
     ASSIGN_OR_RETURN(auto table, Array(layer, lw, "weight", {input, d}));
@@ -1389,8 +1816,24 @@ absl::StatusOr<std::unique_ptr<Op>> LowerNode(const Layer& layer,
   if (type == "NetBidirectionalOperator") {
     return LowerBidirectional(layer, input, lw);
   }
-  // TODO: AttentionLayer, NetFold(List)Operator and NetNest(List)Operator
-  // on the device; until then such nets run on the CPU engine.
+  if (type == "AttentionLayer") {
+    return LowerAttention(layer, input, widths.size() > 1 ? widths[1] : 0, lw);
+  }
+  if (type == "NetFoldOperator" || type == "NetFoldListOperator") {
+    ASSIGN_OR_RETURN(auto cell, SubProgram::Lower(*layer.subnets()[0], lw));
+    std::vector<int64_t> widths;
+    for (int j = 0; j < layer.num_outputs(); ++j) {
+      widths.push_back(layer.output_type(j).width);
+    }
+    return std::unique_ptr<Op>(new NetFoldOp(layer, std::move(cell), widths,
+                                             type == "NetFoldListOperator"));
+  }
+  if (type == "NetNestOperator" || type == "NetNestListOperator") {
+    ASSIGN_OR_RETURN(auto net, SubProgram::Lower(*layer.subnets()[0], lw));
+    return std::unique_ptr<Op>(
+        new NetNestOp(layer, std::move(net), layer.spec().iterations(),
+                      type == "NetNestListOperator"));
+  }
   return Unimplemented(layer, "this layer type");
 }
 
@@ -1485,9 +1928,10 @@ absl::StatusOr<std::unique_ptr<SubProgram>> SubProgram::Lower(
           Node{std::make_unique<FusedAwayOp>(), {}, layer.num_outputs()});
       continue;
     }
+    std::vector<int64_t> widths;
+    for (const auto& s : inputs) widths.push_back(width_of(s));
     ASSIGN_OR_RETURN(std::unique_ptr<Op> op,
-                     LowerNode(layer, inputs.empty() ? 0 : width_of(inputs[0]),
-                               needed[n], lw));
+                     LowerNode(layer, widths, needed[n], lw));
     program->nodes_.push_back(Node{std::move(op), inputs, layer.num_outputs()});
   }
   for (int o = 0; o < graph.num_outputs(); ++o) {

@@ -79,39 +79,14 @@ double WorstError(const NetOutputs& cpu, const NetOutputs& gpu) {
   return worst;
 }
 
-// Layer types the backend does not run yet; a net with one must be
-// refused with UNIMPLEMENTED naming it, and any other refusal is a failure.
-const std::set<std::string>& NotYetOnCuda() {
-  static const auto* types = new std::set<std::string>{
-      "AttentionLayer", "NetFoldOperator", "NetFoldListOperator",
-      "NetNestOperator", "NetNestListOperator"};
-  return *types;
-}
-
-bool UsesTypeNotYetOnCuda(const v1::NetSpec& net) {
-  for (const v1::LayerSpec& l : net.layers()) {
-    if (NotYetOnCuda().count(l.type())) return true;
-    if (l.has_net() && UsesTypeNotYetOnCuda(l.net())) return true;
-    if (l.has_backward_net() && UsesTypeNotYetOnCuda(l.backward_net())) {
-      return true;
-    }
-  }
-  return false;
-}
-
 class CudaParity : public testing::TestWithParam<std::string> {};
 
 TEST_P(CudaParity, MatchesTheCpuEngine) {
   Case cpu, gpu;
   ASSERT_NO_FATAL_FAILURE(LoadCase(GetParam(), &cpu));
   const std::string dir = FixtureRoot() + "/" + GetParam();
+  // Every layer and operator runs on the device: no fixture may be refused.
   auto model = Model::Load(dir, OnGpu());
-  if (!model.ok() && model.status().code() == absl::StatusCode::kUnimplemented) {
-    EXPECT_TRUE(UsesTypeNotYetOnCuda(cpu.model->spec()) ||
-                absl::StrContains(model.status().message(), "'cells'"))
-        << model.status();
-    GTEST_SKIP() << model.status();
-  }
   ASSERT_TRUE(model.ok()) << model.status();
   EXPECT_THAT((*model)->net().device_name(), HasSubstr("cuda:0"));
   EXPECT_GT((*model)->net().device_bytes(), 0);
@@ -136,9 +111,6 @@ TEST_P(CudaParity, EachInstanceAloneMatchesItsRowsInTheBatch) {
   Case c;
   ASSERT_NO_FATAL_FAILURE(LoadCase(GetParam(), &c));
   auto model = Model::Load(FixtureRoot() + "/" + GetParam(), OnGpu());
-  if (!model.ok() && model.status().code() == absl::StatusCode::kUnimplemented) {
-    GTEST_SKIP() << model.status();
-  }
   ASSERT_TRUE(model.ok()) << model.status();
   const Net& net = (*model)->net();
   Execution exec = net.NewExecution();
@@ -191,9 +163,6 @@ TEST_P(CudaReducedPrecision, StaysWithinOnePercentOfTheCpuEngine) {
   NetOptions options = OnGpu();
   options.precision = GetParam().precision;
   auto model = Model::Load(FixtureRoot() + "/" + GetParam().fixture, options);
-  if (!model.ok() && model.status().code() == absl::StatusCode::kUnimplemented) {
-    GTEST_SKIP() << model.status();
-  }
   ASSERT_TRUE(model.ok()) << model.status();
   Execution cpu_exec = cpu.model->net().NewExecution();
   Execution gpu_exec = (*model)->net().NewExecution();
