@@ -36,14 +36,14 @@ namespace {
 using engine::Model;
 using engine::NetOptions;
 
-#define CHECK_OK(expr)                                                  \
-  do {                                                                  \
-    auto _s = (expr);                                                   \
-    if (!_s.ok()) {                                                     \
-      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__,           \
-                   std::string(_s.message()).c_str());                  \
-      std::exit(1);                                                     \
-    }                                                                   \
+#define CHECK_OK(expr)                                        \
+  do {                                                        \
+    auto _s = (expr);                                         \
+    if (!_s.ok()) {                                           \
+      std::fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, \
+                   std::string(_s.message()).c_str());        \
+      std::exit(1);                                           \
+    }                                                         \
   } while (0)
 #define CHECK_CUDA(expr) CHECK_OK(engine::cuda::CudaStatus(expr, #expr))
 #define CHECK_CUDNN(expr) CHECK_OK(engine::cuda::CudnnStatus(expr, #expr))
@@ -61,9 +61,9 @@ std::vector<float> Random(size_t n, std::mt19937* rng, float scale = 0.05f) {
 }
 
 struct Cell {
-  const char* name;      // for the table
-  const char* type;      // the engine's layer type
-  cudnnRNNMode_t mode;   // cuDNN's
+  const char* name;     // for the table
+  const char* type;     // the engine's layer type
+  cudnnRNNMode_t mode;  // cuDNN's
   int gates;
 };
 
@@ -77,8 +77,7 @@ std::string WriteNet(const Cell& cell, int64_t h) {
   std::fprintf(f,
                "inputs { name: \"x\" kind: VECTOR_SEQUENCE width: %lld }\n"
                "layers { name: \"r\" type: \"%s\" size: %lld }\n",
-               static_cast<long long>(h), cell.type,
-               static_cast<long long>(h));
+               static_cast<long long>(h), cell.type, static_cast<long long>(h));
   std::fclose(f);
   std::mt19937 rng(1);
   const int64_t g = cell.gates * h;
@@ -90,10 +89,10 @@ std::string WriteNet(const Cell& cell, int64_t h) {
   const std::vector<int64_t> shapes[] = {{g, h}, {g, h}, {g}, {g}};
   std::vector<engine::TensorToWrite> tensors;
   for (int i = 0; i < 4; ++i) {
-    tensors.push_back({names[i], engine::DType::kF32, shapes[i],
-                       std::string(reinterpret_cast<const char*>(
-                                       values[i].data()),
-                                   values[i].size() * sizeof(float))});
+    tensors.push_back(
+        {names[i], engine::DType::kF32, shapes[i],
+         std::string(reinterpret_cast<const char*>(values[i].data()),
+                     values[i].size() * sizeof(float))});
   }
   CHECK_OK(engine::WriteSafetensors(dir + "/weights.safetensors", tensors));
   return dir;
@@ -148,8 +147,8 @@ double BareCudnn(const Cell& cell, int64_t h, int64_t batch, int64_t steps,
   const std::vector<float> w = Random(weight_bytes / sizeof(float), &rng);
   const std::vector<float> xs = Random(batch * steps * h, &rng, 1.0f);
   CHECK_CUDA(cudaMalloc(&weights, weight_bytes));
-  CHECK_CUDA(cudaMemcpy(weights, w.data(), weight_bytes,
-                        cudaMemcpyHostToDevice));
+  CHECK_CUDA(
+      cudaMemcpy(weights, w.data(), weight_bytes, cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMalloc(&x, xs.size() * sizeof(float)));
   CHECK_CUDA(cudaMemcpy(x, xs.data(), xs.size() * sizeof(float),
                         cudaMemcpyHostToDevice));
@@ -165,11 +164,11 @@ double BareCudnn(const Cell& cell, int64_t h, int64_t batch, int64_t steps,
   std::vector<double> ms;
   for (int r = -3; r < reps; ++r) {
     CHECK_CUDA(cudaEventRecord(start));
-    CHECK_CUDNN(cudnnRNNForward(
-        handle, rnn, CUDNN_FWD_MODE_INFERENCE,
-        static_cast<const int32_t*>(dev_lengths), x_desc, x, y_desc, y, h_desc,
-        nullptr, nullptr, h_desc, nullptr, nullptr, weight_bytes, weights,
-        work_bytes, work, reserve_bytes, reserve));
+    CHECK_CUDNN(cudnnRNNForward(handle, rnn, CUDNN_FWD_MODE_INFERENCE,
+                                static_cast<const int32_t*>(dev_lengths),
+                                x_desc, x, y_desc, y, h_desc, nullptr, nullptr,
+                                h_desc, nullptr, nullptr, weight_bytes, weights,
+                                work_bytes, work, reserve_bytes, reserve));
     CHECK_CUDA(cudaEventRecord(stop));
     CHECK_CUDA(cudaEventSynchronize(stop));
     float t;
@@ -263,13 +262,13 @@ int Main() {
         const auto t1 = std::chrono::steady_clock::now();
         if (r < 0) continue;
         compute.push_back(exec.device_timings().compute_ms);
-        wall.push_back(std::chrono::duration<double, std::milli>(t1 - t0)
-                           .count());
+        wall.push_back(
+            std::chrono::duration<double, std::milli>(t1 - t0).count());
       }
       const double engine_ms = Median(compute);
       const double bare_ms = BareCudnn(cell, h, batch, steps, reps);
-      std::printf("%-5s %5lld %9.3f ms %9.3f ms %8.1f%% %11.3f ms\n",
-                  cell.name, static_cast<long long>(batch), engine_ms, bare_ms,
+      std::printf("%-5s %5lld %9.3f ms %9.3f ms %8.1f%% %11.3f ms\n", cell.name,
+                  static_cast<long long>(batch), engine_ms, bare_ms,
                   100.0 * (engine_ms / bare_ms - 1.0), Median(wall));
       if (batch == 1) {
         // Each step must read the recurrent weights: G*H*H floats.
@@ -319,8 +318,8 @@ int Main() {
         CHECK_OK((*stepper)->Step(x.data(), slots, y.data()));
         const auto t1 = std::chrono::steady_clock::now();
         if (r >= 0) {
-          t.push_back(std::chrono::duration<double, std::micro>(t1 - t0)
-                          .count());
+          t.push_back(
+              std::chrono::duration<double, std::micro>(t1 - t0).count());
         }
       }
       us[capture] = Median(t);

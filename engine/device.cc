@@ -24,16 +24,16 @@ absl::StatusOr<DeviceId> ParseDevice(absl::string_view text) {
         "device 'cuda:%s' has no valid ordinal; use cuda:0, cuda:1, ...",
         text));
   }
-  return absl::InvalidArgumentError(absl::StrFormat(
-      "unknown device '%s'; use 'cpu' or 'cuda:N'", text));
+  return absl::InvalidArgumentError(
+      absl::StrFormat("unknown device '%s'; use 'cpu' or 'cuda:N'", text));
 }
 
 absl::StatusOr<Precision> ParsePrecision(absl::string_view text) {
   if (text.empty() || text == "fp32") return Precision::kFp32;
   if (text == "fp16") return Precision::kFp16;
   if (text == "bf16") return Precision::kBf16;
-  return absl::InvalidArgumentError(absl::StrFormat(
-      "unknown precision '%s'; use fp32, fp16 or bf16", text));
+  return absl::InvalidArgumentError(
+      absl::StrFormat("unknown precision '%s'; use fp32, fp16 or bf16", text));
 }
 
 const char* PrecisionName(Precision p) {

@@ -87,10 +87,10 @@ absl::StatusOr<std::unique_ptr<Net>> Net::Create(
     absl::StatusOr<std::unique_ptr<DeviceProgram>> program =
         cuda::Compile(*net->graph_, &source, options);
     if (!program.ok()) {
-      return absl::Status(program.status().code(),
-                          absl::StrFormat("device %s: %s",
-                                          options.device.ToString(),
-                                          program.status().message()));
+      return absl::Status(
+          program.status().code(),
+          absl::StrFormat("device %s: %s", options.device.ToString(),
+                          program.status().message()));
     }
     net->program_ = std::move(*program);
 #else

@@ -120,9 +120,9 @@ absl::Status LoadVersions(const std::string& dir, ModelEntry* entry) {
       return absl::NotFoundError(absl::StrFormat(
           "config.pbtxt lists version %d but %s/%d does not exist", v, dir, v));
     }
-    ASSIGN_OR_RETURN(auto model,
-                     engine::Model::Load(absl::StrFormat("%s/%d", dir, v),
-                                         entry->options));
+    ASSIGN_OR_RETURN(
+        auto model,
+        engine::Model::Load(absl::StrFormat("%s/%d", dir, v), entry->options));
     entry->versions[v] = std::make_shared<ServedVersion>(v, std::move(model));
   }
   return absl::OkStatus();

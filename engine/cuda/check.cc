@@ -43,9 +43,9 @@ absl::Status CudaStatus(cudaError_t error, const char* call) {
 
 absl::Status CublasStatus(cublasStatus_t status, const char* call) {
   if (status == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
-  const std::string message =
-      absl::StrFormat("%s failed: %s (%s)", CallName(call),
-                      cublasGetStatusName(status), cublasGetStatusString(status));
+  const std::string message = absl::StrFormat(
+      "%s failed: %s (%s)", CallName(call), cublasGetStatusName(status),
+      cublasGetStatusString(status));
   switch (status) {
     case CUBLAS_STATUS_ALLOC_FAILED:
       return absl::ResourceExhaustedError(message);

@@ -22,10 +22,10 @@ absl::Status CudnnStatus(cudnnStatus_t status, const char* call);
 
 // RETURN_IF_CUDA(cudaMalloc(&p, n)); returns the status naming the call
 // when it fails. Likewise RETURN_IF_CUBLAS and RETURN_IF_CUDNN.
-#define RNNSERVE_RETURN_IF(fn, expr)                                 \
-  do {                                                               \
+#define RNNSERVE_RETURN_IF(fn, expr)                                  \
+  do {                                                                \
     absl::Status _status = ::rnnserve::engine::cuda::fn(expr, #expr); \
-    if (!_status.ok()) return _status;                               \
+    if (!_status.ok()) return _status;                                \
   } while (0)
 #define RETURN_IF_CUDA(expr) RNNSERVE_RETURN_IF(CudaStatus, expr)
 #define RETURN_IF_CUBLAS(expr) RNNSERVE_RETURN_IF(CublasStatus, expr)

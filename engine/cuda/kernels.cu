@@ -1,9 +1,9 @@
-#include "engine/cuda/kernels.h"
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cmath>
+
+#include "engine/cuda/kernels.h"
 
 namespace rnnserve::engine::cuda {
 namespace {
@@ -273,17 +273,13 @@ __device__ float BlockReduce(float v, float* shared) {
   return r;
 }
 
-__global__ void AttentionKernel(const float* __restrict__ query,
-                                const float* __restrict__ keys, int64_t width,
-                                const float* __restrict__ vector,
-                                const float* __restrict__ bias,
-                                const float* __restrict__ values,
-                                int64_t value_width,
-                                const int32_t* __restrict__ offsets,
-                                const int32_t* __restrict__ position,
-                                const int32_t* __restrict__ length,
-                                float* __restrict__ weights,
-                                float* __restrict__ context) {
+__global__ void AttentionKernel(
+    const float* __restrict__ query, const float* __restrict__ keys,
+    int64_t width, const float* __restrict__ vector,
+    const float* __restrict__ bias, const float* __restrict__ values,
+    int64_t value_width, const int32_t* __restrict__ offsets,
+    const int32_t* __restrict__ position, const int32_t* __restrict__ length,
+    float* __restrict__ weights, float* __restrict__ context) {
   __shared__ float shared[kThreads];
   const int64_t i = blockIdx.x;
   const int64_t s = position[i], len = length[i];
@@ -335,8 +331,8 @@ cudaError_t FloatToReduced(const float* x, void* y, int64_t n, bool bf16,
     ToBf16Kernel<<<Blocks(n), kThreads, 0, stream>>>(
         x, static_cast<__nv_bfloat16*>(y), n);
   } else {
-    ToHalfKernel<<<Blocks(n), kThreads, 0, stream>>>(
-        x, static_cast<__half*>(y), n);
+    ToHalfKernel<<<Blocks(n), kThreads, 0, stream>>>(x, static_cast<__half*>(y),
+                                                     n);
   }
   return cudaGetLastError();
 }
@@ -362,9 +358,8 @@ cudaError_t GatherRows(const float* x, int64_t width, const int32_t* index,
   return cudaGetLastError();
 }
 
-cudaError_t CopyColumns(const float* x, int64_t x_width, int64_t rows,
-                        float* y, int64_t y_width, int64_t c0,
-                        cudaStream_t stream) {
+cudaError_t CopyColumns(const float* x, int64_t x_width, int64_t rows, float* y,
+                        int64_t y_width, int64_t c0, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   CopyColumnsKernel<<<Blocks(rows * x_width), kThreads, 0, stream>>>(
       x, x_width, rows, y, y_width, c0);
@@ -392,7 +387,7 @@ cudaError_t Softmax(const float* x, float* y, int64_t rows, int64_t width,
   // Rows beyond the grid's x limit cannot occur: batches are capped far
   // below 2^31 rows.
   SoftmaxKernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, y,
-                                                                     width);
+                                                                      width);
   return cudaGetLastError();
 }
 
@@ -435,9 +430,8 @@ cudaError_t ScatterRows(const float* x, int64_t width, const int32_t* index,
   return cudaGetLastError();
 }
 
-cudaError_t LstmStep(const float* gx, const float* gh, int64_t rows,
-                     int64_t h, float* state, float* cell,
-                     cudaStream_t stream) {
+cudaError_t LstmStep(const float* gx, const float* gh, int64_t rows, int64_t h,
+                     float* state, float* cell, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   LstmStepKernel<<<Blocks(rows * h), kThreads, 0, stream>>>(gx, gh, rows, h,
                                                             state, cell);
@@ -468,8 +462,8 @@ cudaError_t Attention(const float* query, const float* keys, int64_t width,
                       float* context, cudaStream_t stream) {
   if (batch == 0) return cudaSuccess;
   AttentionKernel<<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
-      query, keys, width, vector, bias, values, value_width, offsets,
-      position, length, weights, context);
+      query, keys, width, vector, bias, values, value_width, offsets, position,
+      length, weights, context);
   return cudaGetLastError();
 }
 

@@ -3,9 +3,9 @@
 // launch's error; all rows are row-major floats.
 #pragma once
 
-#include <cstdint>
-
 #include <cuda_runtime_api.h>
+
+#include <cstdint>
 
 namespace rnnserve::engine::cuda {
 
@@ -31,9 +31,8 @@ cudaError_t GatherRows(const float* x, int64_t width, const int32_t* index,
 
 // y[r, c0 + j] = x[r, j] for j < x_width: one input of a catenation, into
 // columns [c0, c0 + x_width) of y's y_width.
-cudaError_t CopyColumns(const float* x, int64_t x_width, int64_t rows,
-                        float* y, int64_t y_width, int64_t c0,
-                        cudaStream_t stream);
+cudaError_t CopyColumns(const float* x, int64_t x_width, int64_t rows, float* y,
+                        int64_t y_width, int64_t c0, cudaStream_t stream);
 
 // y[r] = bias for every row: the start of a biased product.
 cudaError_t BroadcastRows(const float* bias, int64_t width, int64_t rows,
@@ -78,9 +77,8 @@ cudaError_t ScatterRows(const float* x, int64_t width, const int32_t* index,
 // own bias already added): gx = x W_ih^T + b_ih, gh = h W_hh^T + b_hh, both
 // [rows, G*h] in PyTorch gate order. h and c are [rows, h], updated in
 // place.
-cudaError_t LstmStep(const float* gx, const float* gh, int64_t rows,
-                     int64_t h, float* state, float* cell,
-                     cudaStream_t stream);
+cudaError_t LstmStep(const float* gx, const float* gh, int64_t rows, int64_t h,
+                     float* state, float* cell, cudaStream_t stream);
 cudaError_t GruStep(const float* gx, const float* gh, int64_t rows, int64_t h,
                     float* state, cudaStream_t stream);
 // relu when `relu`, else tanh.

@@ -105,19 +105,21 @@ absl::StatusOr<std::unique_ptr<DeviceStepper>> DeviceStepper::Create(
   ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(weights_path));
   const TensorView* w = file->Find(layer.array_prefix() + "weight_ih");
   if (w == nullptr || w->shape.size() != 2) {
-    return absl::NotFoundError(absl::StrFormat(
-        "%s has no 2-D array '%sweight_ih'", weights_path,
-        layer.array_prefix()));
+    return absl::NotFoundError(
+        absl::StrFormat("%s has no 2-D array '%sweight_ih'", weights_path,
+                        layer.array_prefix()));
   }
   const int64_t in = w->shape[1];
   stepper->input_ = in;
   WeightSource source(std::move(file));
-  ASSIGN_OR_RETURN(auto w_ih, source.Take(layer.array_prefix() + "weight_ih",
-                                          {g, in}));
+  ASSIGN_OR_RETURN(auto w_ih,
+                   source.Take(layer.array_prefix() + "weight_ih", {g, in}));
   ASSIGN_OR_RETURN(auto w_hh,
                    source.Take(layer.array_prefix() + "weight_hh", {g, h}));
-  ASSIGN_OR_RETURN(auto b_ih, source.Take(layer.array_prefix() + "bias_ih", {g}));
-  ASSIGN_OR_RETURN(auto b_hh, source.Take(layer.array_prefix() + "bias_hh", {g}));
+  ASSIGN_OR_RETURN(auto b_ih,
+                   source.Take(layer.array_prefix() + "bias_ih", {g}));
+  ASSIGN_OR_RETURN(auto b_hh,
+                   source.Take(layer.array_prefix() + "bias_hh", {g}));
 
   RETURN_IF_CUDA(cudaSetDevice(d.device));
   RETURN_IF_CUDA(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking));
@@ -131,8 +133,8 @@ absl::StatusOr<std::unique_ptr<DeviceStepper>> DeviceStepper::Create(
   auto upload = [&](const engine::Buffer<float>& host,
                     int64_t n) -> absl::StatusOr<float*> {
     ASSIGN_OR_RETURN(float* p, d.Allocate<float>(n));
-    RETURN_IF_CUDA(cudaMemcpy(p, host.data(), n * sizeof(float),
-                              cudaMemcpyHostToDevice));
+    RETURN_IF_CUDA(
+        cudaMemcpy(p, host.data(), n * sizeof(float), cudaMemcpyHostToDevice));
     return p;
   };
   ASSIGN_OR_RETURN(d.w_ih, upload(w_ih, g * in));
@@ -142,8 +144,8 @@ absl::StatusOr<std::unique_ptr<DeviceStepper>> DeviceStepper::Create(
   const int64_t rows = options.max_rows;
   for (int s = 0; s < stepper->num_states(); ++s) {
     ASSIGN_OR_RETURN(d.pool[s], d.Allocate<float>((options.capacity + 1) * h));
-    RETURN_IF_CUDA(cudaMemset(d.pool[s], 0,
-                              (options.capacity + 1) * h * sizeof(float)));
+    RETURN_IF_CUDA(
+        cudaMemset(d.pool[s], 0, (options.capacity + 1) * h * sizeof(float)));
     ASSIGN_OR_RETURN(d.rows[s], d.Allocate<float>(rows * h));
   }
   ASSIGN_OR_RETURN(d.x, d.Allocate<float>(rows * in));
@@ -164,22 +166,21 @@ absl::Status DeviceStepper::Enqueue(int64_t c) {
   // gx = x W_ih^T + b_ih and gh = h W_hh^T + b_hh, row-major, through
   // column-major cuBLAS as in LinearProduct.
   RETURN_IF_CUDA(BroadcastRows(d.b_ih, g, c, d.gx, d.stream));
-  RETURN_IF_CUBLAS(cublasSgemm(d.cublas, CUBLAS_OP_T, CUBLAS_OP_N,
-                               static_cast<int>(g), static_cast<int>(c),
-                               static_cast<int>(input_), &one, d.w_ih,
-                               static_cast<int>(input_), d.x,
-                               static_cast<int>(input_), &one, d.gx,
-                               static_cast<int>(g)));
+  RETURN_IF_CUBLAS(
+      cublasSgemm(d.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(g),
+                  static_cast<int>(c), static_cast<int>(input_), &one, d.w_ih,
+                  static_cast<int>(input_), d.x, static_cast<int>(input_), &one,
+                  d.gx, static_cast<int>(g)));
   RETURN_IF_CUDA(BroadcastRows(d.b_hh, g, c, d.gh, d.stream));
-  RETURN_IF_CUBLAS(cublasSgemm(d.cublas, CUBLAS_OP_T, CUBLAS_OP_N,
-                               static_cast<int>(g), static_cast<int>(c),
-                               static_cast<int>(h), &one, d.w_hh,
-                               static_cast<int>(h), d.rows[0],
-                               static_cast<int>(h), &one, d.gh,
-                               static_cast<int>(g)));
+  RETURN_IF_CUBLAS(
+      cublasSgemm(d.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(g),
+                  static_cast<int>(c), static_cast<int>(h), &one, d.w_hh,
+                  static_cast<int>(h), d.rows[0], static_cast<int>(h), &one,
+                  d.gh, static_cast<int>(g)));
   switch (d.cell) {
     case RnnCell::kLstm:
-      RETURN_IF_CUDA(LstmStep(d.gx, d.gh, c, h, d.rows[0], d.rows[1], d.stream));
+      RETURN_IF_CUDA(
+          LstmStep(d.gx, d.gh, c, h, d.rows[0], d.rows[1], d.stream));
       break;
     case RnnCell::kGru:
       RETURN_IF_CUDA(GruStep(d.gx, d.gh, c, h, d.rows[0], d.stream));
@@ -207,9 +208,8 @@ absl::Status DeviceStepper::Step(const float* input,
   RETURN_IF_CUDA(cudaSetDevice(d.device));
   RETURN_IF_CUDA(cudaMemcpyAsync(d.x, input, rows * input_ * sizeof(float),
                                  cudaMemcpyHostToDevice, d.stream));
-  RETURN_IF_CUDA(cudaMemcpyAsync(d.slots, padded_.data(),
-                                 c * sizeof(int32_t), cudaMemcpyHostToDevice,
-                                 d.stream));
+  RETURN_IF_CUDA(cudaMemcpyAsync(d.slots, padded_.data(), c * sizeof(int32_t),
+                                 cudaMemcpyHostToDevice, d.stream));
   if (!options_.capture_graphs) {
     RETURN_IF_ERROR(Enqueue(c));
   } else {
@@ -278,16 +278,16 @@ absl::Status DeviceStepper::ReadStates(absl::Span<const int32_t> slots,
 absl::Status DeviceStepper::CopySlots(absl::Span<const int32_t> from,
                                       absl::Span<const int32_t> to) {
   if (from.size() != to.size()) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "CopySlots got %d sources and %d destinations", from.size(),
-        to.size()));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("CopySlots got %d sources and %d destinations",
+                        from.size(), to.size()));
   }
   RETURN_IF_ERROR(CheckSlots(to, options_.capacity, options_.max_rows));
   for (size_t i = 0; i < from.size(); ++i) {
     if (from[i] < 0 || from[i] >= options_.capacity) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "source %d is slot %d; slots are 0..%d", i, from[i],
-          options_.capacity - 1));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("source %d is slot %d; slots are 0..%d", i, from[i],
+                          options_.capacity - 1));
     }
   }
   Impl& d = *impl_;

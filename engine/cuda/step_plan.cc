@@ -25,9 +25,9 @@ absl::Status CheckSlots(absl::Span<const int32_t> slots, int64_t capacity,
     return absl::InvalidArgumentError("a step needs at least one row");
   }
   if (static_cast<int64_t>(slots.size()) > max_rows) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "a step of %d rows; this stepper takes at most %d", slots.size(),
-        max_rows));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("a step of %d rows; this stepper takes at most %d",
+                        slots.size(), max_rows));
   }
   std::vector<int64_t> owner(capacity, -1);
   for (size_t r = 0; r < slots.size(); ++r) {

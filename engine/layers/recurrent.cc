@@ -111,8 +111,8 @@ class RecurrentLayer : public Layer, public Steppable {
         }
         const int64_t rows = layout.offset(chunk_end - 1) +
                              layout.batch_size(chunk_end - 1) - chunk_row;
-        Gemm(rows, x.data.data() + chunk_row * in_width_, in_width_,
-             packed_ih_, xproj.data(), g, false, input_bias_.data());
+        Gemm(rows, x.data.data() + chunk_row * in_width_, in_width_, packed_ih_,
+             xproj.data(), g, false, input_bias_.data());
       }
       const float* prev =
           t == 0 ? initial : y.data.data() + layout.offset(t - 1) * h;

@@ -82,9 +82,9 @@ TEST(CudnnWeights, LinearIdsFollowCudnnsGateMeaning) {
     EXPECT_GE(CudnnLinearId(RnnCell::kLstm, q, true), 4);
   }
   const std::vector<std::string> gru = {"reset", "update", "new"};
-  const std::map<int, std::string> cudnn_gru = {
-      {0, "reset"}, {1, "update"}, {2, "new"},
-      {3, "reset"}, {4, "update"}, {5, "new"}};
+  const std::map<int, std::string> cudnn_gru = {{0, "reset"},  {1, "update"},
+                                                {2, "new"},    {3, "reset"},
+                                                {4, "update"}, {5, "new"}};
   for (int q = 0; q < 3; ++q) {
     EXPECT_EQ(cudnn_gru.at(CudnnLinearId(RnnCell::kGru, q, false)), gru[q]);
     EXPECT_EQ(cudnn_gru.at(CudnnLinearId(RnnCell::kGru, q, true)), gru[q]);
@@ -124,10 +124,11 @@ struct SpaceModel {
     }
   }
   cuda::PlaceFn Fn() const {
-    return [this](int pl, int id)
-               -> absl::StatusOr<std::pair<cuda::ParamPlace, cuda::ParamPlace>> {
-      return places.at({pl, id});
-    };
+    return
+        [this](int pl, int id)
+            -> absl::StatusOr<std::pair<cuda::ParamPlace, cuda::ParamPlace>> {
+          return places.at({pl, id});
+        };
   }
 };
 
@@ -152,8 +153,8 @@ struct TaggedArrays {
 };
 
 TEST(CudnnWeights, EveryGateLandsWhereTheSpaceSaysForLstmAndGru) {
-  for (cuda::RnnCell cell : {cuda::RnnCell::kLstm, cuda::RnnCell::kGru,
-                             cuda::RnnCell::kTanh}) {
+  for (cuda::RnnCell cell :
+       {cuda::RnnCell::kLstm, cuda::RnnCell::kGru, cuda::RnnCell::kTanh}) {
     const int64_t g = cuda::GateCount(cell), in = 5, h = 4;
     // Two pseudo-layers: the directions of a bidirectional layer.
     TaggedArrays fw(0, g, in, h), bw(1, g, in, h);
@@ -220,8 +221,9 @@ TEST(CudnnWeights, DisagreementsAreInternalErrorsNamingThePlace) {
   EXPECT_EQ(s.code(), absl::StatusCode::kInternal);
   EXPECT_THAT(s.message(), HasSubstr("falls outside"));
 
-  cuda::PlaceFn failing = [](int, int)
-      -> absl::StatusOr<std::pair<cuda::ParamPlace, cuda::ParamPlace>> {
+  cuda::PlaceFn failing =
+      [](int,
+         int) -> absl::StatusOr<std::pair<cuda::ParamPlace, cuda::ParamPlace>> {
     return absl::InternalError("cudnnGetRNNWeightParams failed: test");
   };
   s = cuda::FillWeightSpace(cell, {a.view}, failing, space.data(), model.size);
@@ -396,8 +398,9 @@ TEST(CudaStatus, MapsRuntimeErrorsByWhatTheCallerCanDo) {
   EXPECT_THAT(oom.message(), HasSubstr("cudaMalloc failed"));
   EXPECT_THAT(oom.message(), HasSubstr("cudaErrorMemoryAllocation"));
   EXPECT_THAT(oom.message(), ::testing::Not(HasSubstr("&p")));
-  EXPECT_EQ(cuda::CudaStatus(cudaErrorNoDevice, "cudaGetDeviceCount(&n)").code(),
-            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(
+      cuda::CudaStatus(cudaErrorNoDevice, "cudaGetDeviceCount(&n)").code(),
+      absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(
       cuda::CudaStatus(cudaErrorInsufficientDriver, "cudaSetDevice(0)").code(),
       absl::StatusCode::kFailedPrecondition);
@@ -408,32 +411,33 @@ TEST(CudaStatus, MapsRuntimeErrorsByWhatTheCallerCanDo) {
 }
 
 TEST(CudaStatus, MapsCublasAndCudnnCodes) {
-  absl::Status b = cuda::CublasStatus(CUBLAS_STATUS_ALLOC_FAILED,
-                                      "cublasSgemm(h, ...)");
+  absl::Status b =
+      cuda::CublasStatus(CUBLAS_STATUS_ALLOC_FAILED, "cublasSgemm(h, ...)");
   EXPECT_EQ(b.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(b.message(), HasSubstr("cublasSgemm failed"));
   EXPECT_THAT(b.message(), HasSubstr("CUBLAS_STATUS_ALLOC_FAILED"));
-  EXPECT_EQ(cuda::CublasStatus(CUBLAS_STATUS_NOT_SUPPORTED, "cublasGemmEx()")
-                .code(),
-            absl::StatusCode::kUnimplemented);
-  EXPECT_EQ(cuda::CublasStatus(CUBLAS_STATUS_INVALID_VALUE, "cublasSgemm()")
-                .code(),
-            absl::StatusCode::kInternal);
+  EXPECT_EQ(
+      cuda::CublasStatus(CUBLAS_STATUS_NOT_SUPPORTED, "cublasGemmEx()").code(),
+      absl::StatusCode::kUnimplemented);
+  EXPECT_EQ(
+      cuda::CublasStatus(CUBLAS_STATUS_INVALID_VALUE, "cublasSgemm()").code(),
+      absl::StatusCode::kInternal);
   EXPECT_TRUE(cuda::CublasStatus(CUBLAS_STATUS_SUCCESS, "x()").ok());
 
   absl::Status d = cuda::CudnnStatus(CUDNN_STATUS_NOT_SUPPORTED_SHAPE,
                                      "cudnnRNNForward(h, ...)");
   EXPECT_EQ(d.code(), absl::StatusCode::kUnimplemented);
   EXPECT_THAT(d.message(), HasSubstr("cudnnRNNForward failed"));
-  EXPECT_EQ(cuda::CudnnStatus(CUDNN_STATUS_BAD_PARAM_NULL_POINTER, "f()").code(),
-            absl::StatusCode::kInternal);
+  EXPECT_EQ(
+      cuda::CudnnStatus(CUDNN_STATUS_BAD_PARAM_NULL_POINTER, "f()").code(),
+      absl::StatusCode::kInternal);
   EXPECT_EQ(cuda::CudnnStatus(CUDNN_STATUS_NOT_INITIALIZED, "f()").code(),
             absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(
       cuda::CudnnStatus(CUDNN_STATUS_NOT_SUPPORTED_ARCH_MISMATCH, "f()").code(),
       absl::StatusCode::kFailedPrecondition);
-  EXPECT_EQ(cuda::CudnnStatus(CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED,
-                              "f()")
+  EXPECT_EQ(cuda::CudnnStatus(
+                CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED, "f()")
                 .code(),
             absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(cuda::CudnnStatus(CUDNN_STATUS_EXECUTION_FAILED, "f()").code(),

@@ -265,11 +265,12 @@ TEST(RecurrentLayer, ChunkedProjectionGivesEachInstanceItsOwnResult) {
            {"LongShortTermMemoryLayer", 4}, {"GatedRecurrentLayer", 3}}) {
     SCOPED_TRACE(type);
     std::mt19937 rng(9);
-    auto model = LoadWith(
-        "chunked_" + type,
-        "inputs { name: \"x\" kind: VECTOR_SEQUENCE width: 8 }\n"
-        "layers { name: \"r\" type: \"" + type + "\" size: 512 }\n",
-        testing_util::RandomRecurrentArrays("r", gates, 8, 512, &rng));
+    auto model =
+        LoadWith("chunked_" + type,
+                 "inputs { name: \"x\" kind: VECTOR_SEQUENCE width: 8 }\n"
+                 "layers { name: \"r\" type: \"" +
+                     type + "\" size: 512 }\n",
+                 testing_util::RandomRecurrentArrays("r", gates, 8, 512, &rng));
     ASSERT_TRUE(model.ok()) << model.status();
     const Net& net = (*model)->net();
     NetInputs batch;

@@ -17,10 +17,10 @@
 #include "absl/strings/str_format.h"
 #include "engine/cuda/program.h"
 #include "engine/cuda/step.h"
-#include "tests/testing/model_files.h"
 #include "engine/model.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/testing/model_files.h"
 #include "tests/testing/parity_cases.h"
 
 namespace rnnserve::engine {
@@ -175,18 +175,18 @@ TEST_P(CudaReducedPrecision, StaysWithinOnePercentOfTheCpuEngine) {
   RecordProperty("max_rel_error", std::to_string(worst));
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Fixtures, CudaReducedPrecision, testing::ValuesIn(PrecisionCases()),
-    [](const testing::TestParamInfo<PrecisionCase>& info) {
-      return info.param.fixture + "_" + PrecisionName(info.param.precision);
-    });
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaReducedPrecision,
+                         testing::ValuesIn(PrecisionCases()),
+                         [](const testing::TestParamInfo<PrecisionCase>& info) {
+                           return info.param.fixture + "_" +
+                                  PrecisionName(info.param.precision);
+                         });
 
 // The shipped example models on a batch of random strings.
 class CudaExamples : public testing::TestWithParam<std::string> {};
 
 TEST_P(CudaExamples, MatchTheCpuEngine) {
-  const std::string dir =
-      SourceDir() + "/examples/models/" + GetParam() + "/1";
+  const std::string dir = SourceDir() + "/examples/models/" + GetParam() + "/1";
   auto cpu = Model::Load(dir);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   auto gpu = Model::Load(dir, OnGpu());
@@ -215,8 +215,7 @@ INSTANTIATE_TEST_SUITE_P(Shipped, CudaExamples,
                          testing::Values("brackets", "tagger"));
 
 TEST(CudaBudget, WeightsOverTheBudgetFailWithBothFigures) {
-  const std::string dir =
-      SourceDir() + "/examples/models/brackets/1";
+  const std::string dir = SourceDir() + "/examples/models/brackets/1";
   NetOptions options = OnGpu();
   options.device_memory_budget = 1024;
   auto model = Model::Load(dir, options);
@@ -246,9 +245,9 @@ StepNet WriteStepNet(const std::string& type, const std::string& extra,
   testing_util::WriteVersion(
       n.dir,
       absl::StrFormat(R"pb(
-        inputs { name: "x" kind: VECTOR_SEQUENCE width: %d }
-        layers { name: "r" type: "%s" size: %d %s }
-      )pb",
+                        inputs { name: "x" kind: VECTOR_SEQUENCE width: %d }
+                        layers { name: "r" type: "%s" size: %d %s }
+                      )pb",
                       in, type, h, extra),
       testing_util::RandomRecurrentArrays("r", gates, in, h, &rng));
   auto model = Model::Load(n.dir, OnGpu());
@@ -294,9 +293,9 @@ TEST_P(CudaStepper, StepsEqualTheWholeSequenceRun) {
     options.capacity = 16;
     options.max_rows = 8;
     options.capture_graphs = capture;
-    auto stepper = cuda::DeviceStepper::Create(
-        *n.model->net().FindLayer("r"), n.dir + "/weights.safetensors", 0,
-        options);
+    auto stepper =
+        cuda::DeviceStepper::Create(*n.model->net().FindLayer("r"),
+                                    n.dir + "/weights.safetensors", 0, options);
     ASSERT_TRUE(stepper.ok()) << stepper.status();
     // Instance i lives in slot 10 - i; live rows are listed longest-first
     // at odd steps and reversed at even ones.
@@ -317,7 +316,8 @@ TEST_P(CudaStepper, StepsEqualTheWholeSequenceRun) {
       std::vector<float> x;
       for (size_t i : who) {
         slots.push_back(10 - static_cast<int32_t>(i));
-        const float* row = inputs.inputs[0].vectors.data() + (starts[i] + t) * in;
+        const float* row =
+            inputs.inputs[0].vectors.data() + (starts[i] + t) * in;
         x.insert(x.end(), row, row + in);
       }
       std::vector<float> out(who.size() * h);
@@ -356,21 +356,24 @@ TEST(CudaStepperSlots, CopyReadAndBadSlots) {
   cuda::DeviceStepperOptions options;
   options.capacity = 4;
   options.max_rows = 4;
-  auto stepper = cuda::DeviceStepper::Create(
-      *n.model->net().FindLayer("r"), n.dir + "/weights.safetensors", 0,
-      options);
+  auto stepper =
+      cuda::DeviceStepper::Create(*n.model->net().FindLayer("r"),
+                                  n.dir + "/weights.safetensors", 0, options);
   ASSERT_TRUE(stepper.ok()) << stepper.status();
   const std::vector<float> x = {0.5f, -0.25f, 1.0f, 0.1f, 0.2f, 0.3f};
-  ASSERT_TRUE((*stepper)->Step(x.data(), std::vector<int32_t>{0, 1}, nullptr)
-                  .ok());
+  ASSERT_TRUE(
+      (*stepper)->Step(x.data(), std::vector<int32_t>{0, 1}, nullptr).ok());
   // Swap slots 0 and 1 (a beam reorder) and read them back.
   std::vector<float> before(2 * 8), after(2 * 8);
-  ASSERT_TRUE((*stepper)->ReadStates(std::vector<int32_t>{0, 1}, 1,
-                                     before.data()).ok());
-  ASSERT_TRUE((*stepper)->CopySlots(std::vector<int32_t>{0, 1},
-                                    std::vector<int32_t>{1, 0}).ok());
-  ASSERT_TRUE((*stepper)->ReadStates(std::vector<int32_t>{1, 0}, 1,
-                                     after.data()).ok());
+  ASSERT_TRUE((*stepper)
+                  ->ReadStates(std::vector<int32_t>{0, 1}, 1, before.data())
+                  .ok());
+  ASSERT_TRUE(
+      (*stepper)
+          ->CopySlots(std::vector<int32_t>{0, 1}, std::vector<int32_t>{1, 0})
+          .ok());
+  ASSERT_TRUE(
+      (*stepper)->ReadStates(std::vector<int32_t>{1, 0}, 1, after.data()).ok());
   EXPECT_EQ(before, after);
   absl::Status s =
       (*stepper)->Step(x.data(), std::vector<int32_t>{0, 0}, nullptr);

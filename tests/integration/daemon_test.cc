@@ -1206,9 +1206,9 @@ TEST_F(DaemonTest, GpuModelIsServedLikeTheCpuOneOrRefusedWithTheReason) {
 
 TEST(DaemonFlagsTest, UnknownDeviceFlagExitsTwoNamingIt) {
   TempFolder folder;
-  CommandResult result = RunCommand(
-      absl::StrCat(kDaemonPath, " --model_repository=",
-                   ShellQuote(folder.path().string()), " --device=tpu:0"));
+  CommandResult result = RunCommand(absl::StrCat(
+      kDaemonPath, " --model_repository=", ShellQuote(folder.path().string()),
+      " --device=tpu:0"));
   EXPECT_EQ(result.exit_code, 2) << result.output;
   EXPECT_THAT(result.output, HasSubstr("--device: unknown device 'tpu:0'"));
 }
