@@ -72,13 +72,12 @@ class Net {
   // duplicate names, a layer given input of the wrong kind, array shape or
   // dtype mismatches, arrays in the file that no layer uses.
   //
-  // `options` choose the device: the CPU engine by default; a CUDA device
-  // compiles the graph for it (engine/cuda/), which fails, with a message
-  // that starts "device cuda:N: ",
-  // FAILED_PRECONDITION when the build has no CUDA backend or the device is
-  // absent, UNIMPLEMENTED naming the first layer the backend cannot run
-  // yet, and RESOURCE_EXHAUSTED with the figures when the weights do not
-  // fit the device memory budget.
+  // `options` choose the device: the CPU engine by default. A CUDA device
+  // compiles the graph for it (engine/cuda/); that fails with a message
+  // starting "device cuda:N: " and FAILED_PRECONDITION when the build has
+  // no CUDA backend or the device is absent, RESOURCE_EXHAUSTED with both
+  // figures when the weights exceed the device memory budget or the free
+  // memory, and the status of any CUDA, cuBLAS or cuDNN call that fails.
   static absl::StatusOr<std::unique_ptr<Net>> Create(
       const v1::NetSpec& spec, std::unique_ptr<SafetensorsFile> weights,
       const NetOptions& options = {});

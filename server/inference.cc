@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <optional>
 
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -242,12 +243,14 @@ absl::Status RunInference(const ModelRepository& repository,
   engine::NetOutputs outputs;
   engine::Execution exec = served->Acquire();
   absl::Status run;
-  if (model.net().options().device.kind == engine::DeviceKind::kCpu) {
-    absl::MutexLock lock(&repository.run_mutex());
-    run = model.net().Run(inputs, &exec, &outputs);
-  } else {
-    // A device net runs on its execution's own stream; the host work is
-    // only packing, so device nets run side by side.
+  {
+    // CPU nets run one at a time (see run_mutex). A device net runs on its
+    // execution's own stream and its host work is only packing, so device
+    // nets run side by side.
+    std::optional<absl::MutexLock> lock;
+    if (model.net().options().device.kind == engine::DeviceKind::kCpu) {
+      lock.emplace(&repository.run_mutex());
+    }
     run = model.net().Run(inputs, &exec, &outputs);
   }
   served->Release(std::move(exec));

@@ -1440,6 +1440,8 @@ TEST_F(DaemonTest, RnnctlGetShowsTheLabels) {
   for (const std::string& label : ExampleLabels()) {
     EXPECT_THAT(get.output, HasSubstr(label));
   }
+  EXPECT_THAT(get.output, ::testing::ContainsRegex("device +cpu"));
+  EXPECT_THAT(get.output, ::testing::ContainsRegex("precision +fp32"));
 }
 
 TEST_F(DaemonTest, RnnctlInferPrintsTheDecision) {
