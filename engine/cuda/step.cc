@@ -3,8 +3,11 @@
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
+#include <set>
+
 #include "absl/strings/str_format.h"
 #include "engine/cuda/check.h"
+#include "engine/cuda/device_graph.h"
 #include "engine/cuda/kernels.h"
 #include "engine/cuda/program.h"
 #include "engine/cuda/rnn_weights.h"
@@ -19,22 +22,36 @@ namespace rnnserve::engine::cuda {
 // creation, so the pointers a captured graph holds never change.
 struct DeviceStepper::Impl {
   int device = 0;
+  // A built-in cell (the recurrent layers), or a NetFold cell sub-net.
+  bool fold = false;
   RnnCell cell = RnnCell::kLstm;
-  int gates = 4;
-  cudaStream_t stream = nullptr;
-  cublasHandle_t cublas = nullptr;
+  Context ctx;
   std::vector<void*> allocations;
+  // Built-in cells: the arrays and the two products of a step.
   float* w_ih = nullptr;  // [G*H, in]
   float* w_hh = nullptr;  // [G*H, H]
   float* b_ih = nullptr;
   float* b_hh = nullptr;
-  float* pool[2] = {nullptr, nullptr};  // [capacity + 1, H]: state, cell
-  float* x = nullptr;                   // [max_rows, in]
-  int32_t* slots = nullptr;             // [max_rows]
-  float* gx = nullptr;                  // [max_rows, G*H]
-  float* gh = nullptr;                  // [max_rows, G*H]
-  float* rows[2] = {nullptr, nullptr};  // [max_rows, H]: gathered states
-  void* cublas_workspace = nullptr;
+  float* gx = nullptr;  // [max_rows, G*H]
+  float* gh = nullptr;  // [max_rows, G*H]
+  // Every cell: state slots, per state [capacity + 1, width] (the last
+  // slot is the spare that padded rows use); the step's inputs, slots and
+  // gathered states.
+  std::vector<float*> pools;
+  float* x = nullptr;        // [max_rows, in]
+  int32_t* slots = nullptr;  // [max_rows]
+  std::vector<float*> rows;  // per state [max_rows, width]
+  // NetFold cells: the compiled cell, its values, and a staging area for
+  // its new states (a cell may output one state input as another state).
+  Residents residents;
+  std::shared_ptr<DropoutState> dropout;
+  std::unique_ptr<SubProgram> program;
+  std::unique_ptr<ProgramState> state;
+  std::vector<DValue> args;  // element, then states: views of x and rows
+  float* staged = nullptr;   // [max_rows, sum of widths]
+  // Classes whose step could not be captured (an op that needs the host
+  // mid-step); they run directly.
+  std::set<int64_t> direct;
 
   template <typename T>
   absl::StatusOr<T*> Allocate(int64_t count) {
@@ -45,8 +62,12 @@ struct DeviceStepper::Impl {
   }
 
   ~Impl() {
-    if (cublas != nullptr) cublasDestroy(cublas);
-    if (stream != nullptr) cudaStreamDestroy(stream);
+    // The cell's values and the residents free their own memory first.
+    state.reset();
+    args.clear();
+    if (ctx.cudnn != nullptr) cudnnDestroy(ctx.cudnn);
+    if (ctx.cublas != nullptr) cublasDestroy(ctx.cublas);
+    if (ctx.stream != nullptr) cudaStreamDestroy(ctx.stream);
     for (void* p : allocations) cudaFree(p);
   }
 };
@@ -60,8 +81,9 @@ DeviceStepper::~DeviceStepper() {
 absl::StatusOr<std::unique_ptr<DeviceStepper>> DeviceStepper::Create(
     const Layer& layer, const std::string& weights_path, int device,
     const DeviceStepperOptions& options) {
-  RnnCell cell;
   const std::string& type = layer.type();
+  const bool fold = type == "NetFoldOperator" || type == "NetFoldListOperator";
+  RnnCell cell = RnnCell::kLstm;
   if (type == "LongShortTermMemoryLayer") {
     cell = RnnCell::kLstm;
   } else if (type == "GatedRecurrentLayer") {
@@ -74,14 +96,15 @@ absl::StatusOr<std::unique_ptr<DeviceStepper>> DeviceStepper::Create(
     cell = RnnCell::kGru;
   } else if (type == "BasicRecurrentLayer") {
     cell = layer.spec().function() == "relu" ? RnnCell::kRelu : RnnCell::kTanh;
-  } else if (type == "NetFoldOperator" || type == "NetFoldListOperator") {
-    return absl::UnimplementedError(absl::StrFormat(
-        "layer '%s' (%s): single steps of NetFold cells are not implemented "
-        "on the CUDA backend yet",
-        layer.name(), type));
-  } else {
+  } else if (!fold) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "layer '%s' (%s) is not a recurrent layer", layer.name(), type));
+        "layer '%s' (%s) is neither a recurrent layer nor a NetFold operator",
+        layer.name(), type));
+  }
+  if (fold && layer.AsSteppable() == nullptr) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "layer '%s' (%s) folds over token ids; a step takes float elements",
+        layer.name(), type));
   }
   if (options.capacity < 1 || options.max_rows < 1 ||
       options.capacity > (int64_t{1} << 30)) {
@@ -93,106 +116,184 @@ absl::StatusOr<std::unique_ptr<DeviceStepper>> DeviceStepper::Create(
 
   auto stepper = std::unique_ptr<DeviceStepper>(new DeviceStepper());
   stepper->options_ = options;
-  stepper->lstm_ = cell == RnnCell::kLstm;
   stepper->impl_ = std::make_unique<Impl>();
   Impl& d = *stepper->impl_;
   d.device = info.ordinal;
+  d.fold = fold;
   d.cell = cell;
-  d.gates = GateCount(cell);
-  const int64_t h = layer.spec().size(), g = d.gates * h;
-  stepper->hidden_ = h;
-
-  ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(weights_path));
-  const TensorView* w = file->Find(layer.array_prefix() + "weight_ih");
-  if (w == nullptr || w->shape.size() != 2) {
-    return absl::NotFoundError(
-        absl::StrFormat("%s has no 2-D array '%sweight_ih'", weights_path,
-                        layer.array_prefix()));
+  if (fold) {
+    const Steppable* steppable = layer.AsSteppable();
+    stepper->input_ = steppable->input_width();
+    stepper->widths_ = steppable->state_widths();
+  } else {
+    const int64_t h = layer.spec().size();
+    stepper->widths_.assign(cell == RnnCell::kLstm ? 2 : 1, h);
   }
-  const int64_t in = w->shape[1];
-  stepper->input_ = in;
-  WeightSource source(std::move(file));
-  ASSIGN_OR_RETURN(auto w_ih,
-                   source.Take(layer.array_prefix() + "weight_ih", {g, in}));
-  ASSIGN_OR_RETURN(auto w_hh,
-                   source.Take(layer.array_prefix() + "weight_hh", {g, h}));
-  ASSIGN_OR_RETURN(auto b_ih,
-                   source.Take(layer.array_prefix() + "bias_ih", {g}));
-  ASSIGN_OR_RETURN(auto b_hh,
-                   source.Take(layer.array_prefix() + "bias_hh", {g}));
 
   RETURN_IF_CUDA(cudaSetDevice(d.device));
-  RETURN_IF_CUDA(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking));
-  RETURN_IF_CUBLAS(cublasCreate(&d.cublas));
-  RETURN_IF_CUBLAS(cublasSetStream(d.cublas, d.stream));
+  RETURN_IF_CUDA(
+      cudaStreamCreateWithFlags(&d.ctx.stream, cudaStreamNonBlocking));
+  d.ctx.device = d.device;
+  RETURN_IF_CUBLAS(cublasCreate(&d.ctx.cublas));
+  RETURN_IF_CUBLAS(cublasSetStream(d.ctx.cublas, d.ctx.stream));
   // A fixed cuBLAS workspace, so that capture never sees an allocation.
   constexpr size_t kCublasWorkspace = 4 << 20;
   ASSIGN_OR_RETURN(char* ws, d.Allocate<char>(kCublasWorkspace));
-  RETURN_IF_CUBLAS(cublasSetWorkspace(d.cublas, ws, kCublasWorkspace));
+  RETURN_IF_CUBLAS(cublasSetWorkspace(d.ctx.cublas, ws, kCublasWorkspace));
 
-  auto upload = [&](const engine::Buffer<float>& host,
-                    int64_t n) -> absl::StatusOr<float*> {
-    ASSIGN_OR_RETURN(float* p, d.Allocate<float>(n));
-    RETURN_IF_CUDA(
-        cudaMemcpy(p, host.data(), n * sizeof(float), cudaMemcpyHostToDevice));
-    return p;
-  };
-  ASSIGN_OR_RETURN(d.w_ih, upload(w_ih, g * in));
-  ASSIGN_OR_RETURN(d.w_hh, upload(w_hh, g * h));
-  ASSIGN_OR_RETURN(d.b_ih, upload(b_ih, g));
-  ASSIGN_OR_RETURN(d.b_hh, upload(b_hh, g));
-  const int64_t rows = options.max_rows;
-  for (int s = 0; s < stepper->num_states(); ++s) {
-    ASSIGN_OR_RETURN(d.pool[s], d.Allocate<float>((options.capacity + 1) * h));
-    RETURN_IF_CUDA(
-        cudaMemset(d.pool[s], 0, (options.capacity + 1) * h * sizeof(float)));
-    ASSIGN_OR_RETURN(d.rows[s], d.Allocate<float>(rows * h));
+  ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(weights_path));
+  if (fold) {
+    RETURN_IF_CUDNN(cudnnCreate(&d.ctx.cudnn));
+    RETURN_IF_CUDNN(cudnnSetStream(d.ctx.cudnn, d.ctx.stream));
+    ASSIGN_OR_RETURN(d.dropout, MakeDropout());
+    WeightSource source(std::move(file));
+    Lowering lw{&source, &d.residents, d.ctx.cudnn, d.dropout,
+                Precision::kFp32};
+    ASSIGN_OR_RETURN(d.program, SubProgram::Lower(*layer.subnets()[0], lw));
+    ASSIGN_OR_RETURN(d.state, d.program->NewState());
+  } else {
+    const int64_t h = stepper->widths_[0], g = GateCount(cell) * h;
+    const TensorView* w = file->Find(layer.array_prefix() + "weight_ih");
+    if (w == nullptr || w->shape.size() != 2) {
+      return absl::NotFoundError(
+          absl::StrFormat("%s has no 2-D array '%sweight_ih'", weights_path,
+                          layer.array_prefix()));
+    }
+    const int64_t in = w->shape[1];
+    stepper->input_ = in;
+    WeightSource source(std::move(file));
+    ASSIGN_OR_RETURN(auto w_ih,
+                     source.Take(layer.array_prefix() + "weight_ih", {g, in}));
+    ASSIGN_OR_RETURN(auto w_hh,
+                     source.Take(layer.array_prefix() + "weight_hh", {g, h}));
+    ASSIGN_OR_RETURN(auto b_ih,
+                     source.Take(layer.array_prefix() + "bias_ih", {g}));
+    ASSIGN_OR_RETURN(auto b_hh,
+                     source.Take(layer.array_prefix() + "bias_hh", {g}));
+    auto upload = [&](const engine::Buffer<float>& host,
+                      int64_t n) -> absl::StatusOr<float*> {
+      ASSIGN_OR_RETURN(float* p, d.Allocate<float>(n));
+      RETURN_IF_CUDA(cudaMemcpy(p, host.data(), n * sizeof(float),
+                                cudaMemcpyHostToDevice));
+      return p;
+    };
+    ASSIGN_OR_RETURN(d.w_ih, upload(w_ih, g * in));
+    ASSIGN_OR_RETURN(d.w_hh, upload(w_hh, g * h));
+    ASSIGN_OR_RETURN(d.b_ih, upload(b_ih, g));
+    ASSIGN_OR_RETURN(d.b_hh, upload(b_hh, g));
+    ASSIGN_OR_RETURN(d.gx, d.Allocate<float>(options.max_rows * g));
+    ASSIGN_OR_RETURN(d.gh, d.Allocate<float>(options.max_rows * g));
   }
-  ASSIGN_OR_RETURN(d.x, d.Allocate<float>(rows * in));
-  RETURN_IF_CUDA(cudaMemset(d.x, 0, rows * in * sizeof(float)));
+
+  const int64_t rows = options.max_rows;
+  int64_t total = 0;
+  for (int64_t w : stepper->widths_) {
+    ASSIGN_OR_RETURN(float* pool,
+                     d.Allocate<float>((options.capacity + 1) * w));
+    RETURN_IF_CUDA(
+        cudaMemset(pool, 0, (options.capacity + 1) * w * sizeof(float)));
+    d.pools.push_back(pool);
+    ASSIGN_OR_RETURN(float* r, d.Allocate<float>(rows * w));
+    d.rows.push_back(r);
+    total += w;
+  }
+  ASSIGN_OR_RETURN(d.x, d.Allocate<float>(rows * stepper->input_));
+  RETURN_IF_CUDA(cudaMemset(d.x, 0, rows * stepper->input_ * sizeof(float)));
   ASSIGN_OR_RETURN(d.slots, d.Allocate<int32_t>(rows));
-  ASSIGN_OR_RETURN(d.gx, d.Allocate<float>(rows * g));
-  ASSIGN_OR_RETURN(d.gh, d.Allocate<float>(rows * g));
+
+  if (fold) {
+    ASSIGN_OR_RETURN(d.staged, d.Allocate<float>(rows * total));
+    d.args.resize(1 + stepper->widths_.size());
+    d.args[0].type = PortType{false, false, stepper->input_, -1};
+    d.args[0].view = d.x;
+    for (size_t j = 0; j < stepper->widths_.size(); ++j) {
+      d.args[1 + j].type = PortType{false, false, stepper->widths_[j], -1};
+      d.args[1 + j].view = d.rows[j];
+    }
+    // One step of the largest class on the spare slot, so that every value
+    // inside the cell reaches its largest size now and no later step (in
+    // particular none being captured) allocates.
+    std::vector<int32_t> spare(rows, static_cast<int32_t>(options.capacity));
+    RETURN_IF_CUDA(cudaMemcpy(d.slots, spare.data(), rows * sizeof(int32_t),
+                              cudaMemcpyHostToDevice));
+    RETURN_IF_ERROR(stepper->Enqueue(rows));
+    RETURN_IF_CUDA(cudaStreamSynchronize(d.ctx.stream));
+  }
   return stepper;
 }
 
 absl::Status DeviceStepper::Enqueue(int64_t c) {
   Impl& d = *impl_;
-  const int64_t h = hidden_, g = d.gates * h;
-  const float one = 1.0f;
   for (int s = 0; s < num_states(); ++s) {
-    RETURN_IF_CUDA(GatherRows(d.pool[s], h, d.slots, c, d.rows[s], d.stream));
+    RETURN_IF_CUDA(GatherRows(d.pools[s], widths_[s], d.slots, c, d.rows[s],
+                              d.ctx.stream));
   }
+  RETURN_IF_ERROR(d.fold ? EnqueueFold(c) : EnqueueCell(c));
+  for (int s = 0; s < num_states(); ++s) {
+    RETURN_IF_CUDA(ScatterRows(d.rows[s], widths_[s], d.slots, c, d.pools[s],
+                               d.ctx.stream));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DeviceStepper::EnqueueCell(int64_t c) {
+  Impl& d = *impl_;
+  const int64_t h = widths_[0], g = GateCount(d.cell) * h;
+  const float one = 1.0f;
   // gx = x W_ih^T + b_ih and gh = h W_hh^T + b_hh, row-major, through
   // column-major cuBLAS as in LinearProduct.
-  RETURN_IF_CUDA(BroadcastRows(d.b_ih, g, c, d.gx, d.stream));
+  RETURN_IF_CUDA(BroadcastRows(d.b_ih, g, c, d.gx, d.ctx.stream));
   RETURN_IF_CUBLAS(
-      cublasSgemm(d.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(g),
+      cublasSgemm(d.ctx.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(g),
                   static_cast<int>(c), static_cast<int>(input_), &one, d.w_ih,
                   static_cast<int>(input_), d.x, static_cast<int>(input_), &one,
                   d.gx, static_cast<int>(g)));
-  RETURN_IF_CUDA(BroadcastRows(d.b_hh, g, c, d.gh, d.stream));
+  RETURN_IF_CUDA(BroadcastRows(d.b_hh, g, c, d.gh, d.ctx.stream));
   RETURN_IF_CUBLAS(
-      cublasSgemm(d.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(g),
+      cublasSgemm(d.ctx.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(g),
                   static_cast<int>(c), static_cast<int>(h), &one, d.w_hh,
                   static_cast<int>(h), d.rows[0], static_cast<int>(h), &one,
                   d.gh, static_cast<int>(g)));
   switch (d.cell) {
     case RnnCell::kLstm:
       RETURN_IF_CUDA(
-          LstmStep(d.gx, d.gh, c, h, d.rows[0], d.rows[1], d.stream));
+          LstmStep(d.gx, d.gh, c, h, d.rows[0], d.rows[1], d.ctx.stream));
       break;
     case RnnCell::kGru:
-      RETURN_IF_CUDA(GruStep(d.gx, d.gh, c, h, d.rows[0], d.stream));
+      RETURN_IF_CUDA(GruStep(d.gx, d.gh, c, h, d.rows[0], d.ctx.stream));
       break;
     case RnnCell::kTanh:
     case RnnCell::kRelu:
       RETURN_IF_CUDA(RnnStep(d.gx, d.gh, c, h, d.cell == RnnCell::kRelu,
-                             d.rows[0], d.stream));
+                             d.rows[0], d.ctx.stream));
       break;
   }
-  for (int s = 0; s < num_states(); ++s) {
-    RETURN_IF_CUDA(ScatterRows(d.rows[s], h, d.slots, c, d.pool[s], d.stream));
+  return absl::OkStatus();
+}
+
+absl::Status DeviceStepper::EnqueueFold(int64_t c) {
+  Impl& d = *impl_;
+  std::vector<const DValue*> args;
+  for (DValue& v : d.args) {
+    v.rows = c;
+    args.push_back(&v);
+  }
+  RETURN_IF_ERROR(d.program->Run(args, d.state.get(), d.ctx));
+  // Stage every new state before any replaces an input.
+  float* at = d.staged;
+  for (int j = 0; j < num_states(); ++j) {
+    const DValue& next = d.program->output(*d.state, j);
+    RETURN_IF_CUDA(cudaMemcpyAsync(at, next.data(),
+                                   c * widths_[j] * sizeof(float),
+                                   cudaMemcpyDeviceToDevice, d.ctx.stream));
+    at += c * widths_[j];
+  }
+  at = d.staged;
+  for (int j = 0; j < num_states(); ++j) {
+    RETURN_IF_CUDA(cudaMemcpyAsync(d.rows[j], at,
+                                   c * widths_[j] * sizeof(float),
+                                   cudaMemcpyDeviceToDevice, d.ctx.stream));
+    at += c * widths_[j];
   }
   return absl::OkStatus();
 }
@@ -202,41 +303,53 @@ absl::Status DeviceStepper::Step(const float* input,
                                  float* output) {
   RETURN_IF_ERROR(CheckSlots(slots, options_.capacity, options_.max_rows));
   Impl& d = *impl_;
+  const cudaStream_t stream = d.ctx.stream;
   const int64_t rows = static_cast<int64_t>(slots.size());
   const int64_t c = StepClass(rows, options_.max_rows);
   PadSlots(slots, c, static_cast<int32_t>(options_.capacity), &padded_);
   RETURN_IF_CUDA(cudaSetDevice(d.device));
   RETURN_IF_CUDA(cudaMemcpyAsync(d.x, input, rows * input_ * sizeof(float),
-                                 cudaMemcpyHostToDevice, d.stream));
+                                 cudaMemcpyHostToDevice, stream));
   RETURN_IF_CUDA(cudaMemcpyAsync(d.slots, padded_.data(), c * sizeof(int32_t),
-                                 cudaMemcpyHostToDevice, d.stream));
-  if (!options_.capture_graphs) {
+                                 cudaMemcpyHostToDevice, stream));
+  if (!options_.capture_graphs || d.direct.count(c)) {
     RETURN_IF_ERROR(Enqueue(c));
   } else {
     auto it = graphs_.find(c);
     if (it == graphs_.end()) {
       cudaGraph_t graph = nullptr;
       RETURN_IF_CUDA(
-          cudaStreamBeginCapture(d.stream, cudaStreamCaptureModeThreadLocal));
+          cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
       const absl::Status body = Enqueue(c);
-      const cudaError_t ended = cudaStreamEndCapture(d.stream, &graph);
-      RETURN_IF_ERROR(body);
-      RETURN_IF_CUDA(ended);
+      const cudaError_t ended = cudaStreamEndCapture(stream, &graph);
       cudaGraphExec_t exec = nullptr;
-      const cudaError_t made = cudaGraphInstantiate(&exec, graph, 0);
-      cudaGraphDestroy(graph);
-      RETURN_IF_CUDA(made);
-      it = graphs_.emplace(c, exec).first;
+      cudaError_t made = cudaErrorStreamCaptureInvalidated;
+      if (body.ok() && ended == cudaSuccess) {
+        made = cudaGraphInstantiate(&exec, graph, 0);
+      }
+      if (graph != nullptr) cudaGraphDestroy(graph);
+      if (made != cudaSuccess) {
+        // Something in the step cannot be captured (a NetFold cell whose
+        // ops need the host mid-step): clear the capture's error and run
+        // this class directly from now on.
+        cudaGetLastError();
+        d.direct.insert(c);
+        RETURN_IF_ERROR(Enqueue(c));
+      } else {
+        it = graphs_.emplace(c, exec).first;
+      }
     }
-    RETURN_IF_CUDA(
-        cudaGraphLaunch(static_cast<cudaGraphExec_t>(it->second), d.stream));
+    if (it != graphs_.end()) {
+      RETURN_IF_CUDA(
+          cudaGraphLaunch(static_cast<cudaGraphExec_t>(it->second), stream));
+    }
   }
   if (output != nullptr) {
     RETURN_IF_CUDA(cudaMemcpyAsync(output, d.rows[0],
-                                   rows * hidden_ * sizeof(float),
-                                   cudaMemcpyDeviceToHost, d.stream));
+                                   rows * widths_[0] * sizeof(float),
+                                   cudaMemcpyDeviceToHost, stream));
   }
-  RETURN_IF_CUDA(cudaStreamSynchronize(d.stream));
+  RETURN_IF_CUDA(cudaStreamSynchronize(stream));
   return absl::OkStatus();
 }
 
@@ -246,11 +359,12 @@ absl::Status DeviceStepper::Reset(absl::Span<const int32_t> slots) {
   RETURN_IF_CUDA(cudaSetDevice(d.device));
   for (int32_t s : slots) {
     for (int k = 0; k < num_states(); ++k) {
-      RETURN_IF_CUDA(cudaMemsetAsync(d.pool[k] + int64_t{s} * hidden_, 0,
-                                     hidden_ * sizeof(float), d.stream));
+      RETURN_IF_CUDA(cudaMemsetAsync(d.pools[k] + int64_t{s} * widths_[k], 0,
+                                     widths_[k] * sizeof(float),
+                                     d.ctx.stream));
     }
   }
-  RETURN_IF_CUDA(cudaStreamSynchronize(d.stream));
+  RETURN_IF_CUDA(cudaStreamSynchronize(d.ctx.stream));
   return absl::OkStatus();
 }
 
@@ -263,15 +377,15 @@ absl::Status DeviceStepper::ReadStates(absl::Span<const int32_t> slots,
   RETURN_IF_ERROR(CheckSlots(slots, options_.capacity, options_.max_rows));
   Impl& d = *impl_;
   const int64_t n = static_cast<int64_t>(slots.size());
+  const int64_t w = widths_[state];
   RETURN_IF_CUDA(cudaSetDevice(d.device));
   RETURN_IF_CUDA(cudaMemcpyAsync(d.slots, slots.data(), n * sizeof(int32_t),
-                                 cudaMemcpyHostToDevice, d.stream));
-  RETURN_IF_CUDA(
-      GatherRows(d.pool[state], hidden_, d.slots, n, d.rows[state], d.stream));
-  RETURN_IF_CUDA(cudaMemcpyAsync(out, d.rows[state],
-                                 n * hidden_ * sizeof(float),
-                                 cudaMemcpyDeviceToHost, d.stream));
-  RETURN_IF_CUDA(cudaStreamSynchronize(d.stream));
+                                 cudaMemcpyHostToDevice, d.ctx.stream));
+  RETURN_IF_CUDA(GatherRows(d.pools[state], w, d.slots, n, d.rows[state],
+                            d.ctx.stream));
+  RETURN_IF_CUDA(cudaMemcpyAsync(out, d.rows[state], n * w * sizeof(float),
+                                 cudaMemcpyDeviceToHost, d.ctx.stream));
+  RETURN_IF_CUDA(cudaStreamSynchronize(d.ctx.stream));
   return absl::OkStatus();
 }
 
@@ -296,18 +410,18 @@ absl::Status DeviceStepper::CopySlots(absl::Span<const int32_t> from,
   // Every source is gathered before any destination is written, so a slot
   // may be both (a beam reorder).
   RETURN_IF_CUDA(cudaMemcpyAsync(d.slots, from.data(), n * sizeof(int32_t),
-                                 cudaMemcpyHostToDevice, d.stream));
+                                 cudaMemcpyHostToDevice, d.ctx.stream));
   for (int k = 0; k < num_states(); ++k) {
-    RETURN_IF_CUDA(
-        GatherRows(d.pool[k], hidden_, d.slots, n, d.rows[k], d.stream));
+    RETURN_IF_CUDA(GatherRows(d.pools[k], widths_[k], d.slots, n, d.rows[k],
+                              d.ctx.stream));
   }
   RETURN_IF_CUDA(cudaMemcpyAsync(d.slots, to.data(), n * sizeof(int32_t),
-                                 cudaMemcpyHostToDevice, d.stream));
+                                 cudaMemcpyHostToDevice, d.ctx.stream));
   for (int k = 0; k < num_states(); ++k) {
-    RETURN_IF_CUDA(
-        ScatterRows(d.rows[k], hidden_, d.slots, n, d.pool[k], d.stream));
+    RETURN_IF_CUDA(ScatterRows(d.rows[k], widths_[k], d.slots, n, d.pools[k],
+                               d.ctx.stream));
   }
-  RETURN_IF_CUDA(cudaStreamSynchronize(d.stream));
+  RETURN_IF_CUDA(cudaStreamSynchronize(d.ctx.stream));
   return absl::OkStatus();
 }
 

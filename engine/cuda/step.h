@@ -1,6 +1,6 @@
-// Single steps of a recurrent layer on a GPU, with the states held on the
-// device between steps: the form that server-side decoding and stateful
-// sessions drive.
+// Single steps of a recurrent layer or a NetFold cell on a GPU, with the
+// states held on the device between steps: the form that server-side
+// decoding and stateful sessions drive.
 //
 //   auto stepper = cuda::DeviceStepper::Create(
 //       *net.FindLayer("lstm"), version_dir + "/weights.safetensors", 0, {});
@@ -44,19 +44,20 @@ class DeviceStepper {
  public:
   // `layer` is a recurrent layer of a net (BasicRecurrentLayer,
   // GatedRecurrentLayer in the default reset-after form, or
-  // LongShortTermMemoryLayer); its arrays are read from `weights_path`.
+  // LongShortTermMemoryLayer) or a NetFoldOperator / NetFoldListOperator
+  // over float elements; its arrays are read from `weights_path`.
   // INVALID_ARGUMENT for another layer or bad options, UNIMPLEMENTED for the
-  // reset-before GRU and NetFold cells, FAILED_PRECONDITION without a
-  // usable device.
+  // reset-before GRU, FAILED_PRECONDITION without a usable device.
   static absl::StatusOr<std::unique_ptr<DeviceStepper>> Create(
       const Layer& layer, const std::string& weights_path, int device,
       const DeviceStepperOptions& options);
   ~DeviceStepper();
 
   int64_t input_width() const { return input_; }
-  int64_t hidden() const { return hidden_; }
-  // 1, or 2 for the LSTM (state, cell).
-  int num_states() const { return lstm_ ? 2 : 1; }
+  // One width per state: {H}, {H, H} for the LSTM (state, cell), a NetFold
+  // cell's state widths.
+  const std::vector<int64_t>& state_widths() const { return widths_; }
+  int num_states() const { return static_cast<int>(widths_.size()); }
   int64_t capacity() const { return options_.capacity; }
   // Graphs captured so far: one per class used.
   int graphs_captured() const { return static_cast<int>(graphs_.size()); }
@@ -66,13 +67,14 @@ class DeviceStepper {
 
   // Advances one row per entry of `slots` by one element: `input` is
   // [rows, input_width()] on the host; `output`, when not null, receives
-  // the new states [rows, hidden()] on the host. INVALID_ARGUMENT (naming
-  // the row) for no rows, too many, a slot out of range or one slot twice.
+  // the new first states [rows, state_widths()[0]] on the host.
+  // INVALID_ARGUMENT (naming the row) for no rows, too many, a slot out of
+  // range or one slot twice.
   absl::Status Step(const float* input, absl::Span<const int32_t> slots,
                     float* output);
 
   // Copies state `state` of `slots` (at most max_rows) to `out`
-  // ([rows, hidden()], host).
+  // ([rows, state_widths()[state]], host).
   absl::Status ReadStates(absl::Span<const int32_t> slots, int state,
                           float* out);
 
@@ -87,10 +89,12 @@ class DeviceStepper {
   DeviceStepper() = default;
   // The body of a step of class `c`, on the stepper's stream.
   absl::Status Enqueue(int64_t c);
+  absl::Status EnqueueCell(int64_t c);
+  absl::Status EnqueueFold(int64_t c);
 
   DeviceStepperOptions options_;
-  int64_t input_ = 0, hidden_ = 0;
-  bool lstm_ = false;
+  int64_t input_ = 0;
+  std::vector<int64_t> widths_;
   std::unique_ptr<Impl> impl_;
   std::map<int64_t, void*> graphs_;  // class -> cudaGraphExec_t
   std::vector<int32_t> padded_;

@@ -17,6 +17,7 @@
 #include "absl/strings/str_format.h"
 #include "engine/cuda/program.h"
 #include "engine/cuda/step.h"
+#include "engine/step.h"
 #include "engine/model.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -350,6 +351,69 @@ INSTANTIATE_TEST_SUITE_P(
       return std::string(info.param.type);
     });
 
+// A NetFold cell (the peephole LSTM fixture, two states of width 7) stepped
+// on the device, rows reordered between steps, against the CPU engine's
+// StepRunner on the same rows.
+TEST(CudaStepperFold, CellStepsMatchTheCpuStepRunner) {
+  const std::string dir = FixtureRoot() + "/fold_peephole_lstm";
+  auto model = Model::Load(dir);
+  ASSERT_TRUE(model.ok()) << model.status();
+  const Layer* fold = model.value()->net().FindLayer("foldlist");
+  ASSERT_NE(fold, nullptr);
+  auto cpu = StepRunner::Create((*model)->net(), "foldlist");
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  for (bool capture : {true, false}) {
+    SCOPED_TRACE(capture ? "graphs" : "direct");
+    cuda::DeviceStepperOptions options;
+    options.capacity = 8;
+    options.max_rows = 4;
+    options.capture_graphs = capture;
+    auto gpu = cuda::DeviceStepper::Create(*fold, dir + "/weights.safetensors",
+                                           0, options);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    ASSERT_EQ((*gpu)->state_widths(), (*cpu)->state_widths());
+    const int64_t in = (*gpu)->input_width(), w = (*gpu)->state_widths()[0];
+    // Three sequences in slots 5, 2, 7; the CPU keeps their states in rows.
+    std::vector<int32_t> slots = {5, 2, 7};
+    ASSERT_TRUE((*gpu)->Reset(slots).ok());
+    std::vector<std::vector<float>> h(3, std::vector<float>(w, 0.0f));
+    std::vector<std::vector<float>> c(3, std::vector<float>(w, 0.0f));
+    std::mt19937 rng(12);
+    std::uniform_real_distribution<float> u(-1, 1);
+    for (int t = 0; t < 6; ++t) {
+      // Every other step the rows come in reverse order; at t = 4 the
+      // middle sequence has ended.
+      std::vector<int> who = t < 4 ? std::vector<int>{0, 1, 2}
+                                   : std::vector<int>{0, 2};
+      if (t % 2) std::reverse(who.begin(), who.end());
+      std::vector<float> x, hs, cs;
+      std::vector<int32_t> step_slots;
+      for (int i : who) {
+        for (int64_t k = 0; k < in; ++k) x.push_back(u(rng));
+        hs.insert(hs.end(), h[i].begin(), h[i].end());
+        cs.insert(cs.end(), c[i].begin(), c[i].end());
+        step_slots.push_back(slots[i]);
+      }
+      const std::vector<float> x_copy = x;
+      float* states[] = {hs.data(), cs.data()};
+      ASSERT_TRUE((*cpu)->Step(x.data(), who.size(), states).ok());
+      std::vector<float> out(who.size() * w);
+      absl::Status s = (*gpu)->Step(x_copy.data(), step_slots, out.data());
+      ASSERT_TRUE(s.ok()) << s;
+      for (size_t r = 0; r < who.size(); ++r) {
+        for (int64_t k = 0; k < w; ++k) {
+          ASSERT_NEAR(out[r * w + k], hs[r * w + k], kTolerance)
+              << "step " << t << " sequence " << who[r] << " unit " << k;
+        }
+        std::copy(hs.begin() + r * w, hs.begin() + (r + 1) * w,
+                  h[who[r]].begin());
+        std::copy(cs.begin() + r * w, cs.begin() + (r + 1) * w,
+                  c[who[r]].begin());
+      }
+    }
+  }
+}
+
 TEST(CudaStepperSlots, CopyReadAndBadSlots) {
   StepNet n = WriteStepNet("LongShortTermMemoryLayer", "", 4, 3, 8);
   ASSERT_NE(n.model, nullptr);
@@ -364,7 +428,7 @@ TEST(CudaStepperSlots, CopyReadAndBadSlots) {
   ASSERT_TRUE(
       (*stepper)->Step(x.data(), std::vector<int32_t>{0, 1}, nullptr).ok());
   // Swap slots 0 and 1 (a beam reorder) and read them back.
-  std::vector<float> before(2 * 8), after(2 * 8);
+  std::vector<float> before(2 * 8), after(2 * 8);  // the cells, H = 8
   ASSERT_TRUE((*stepper)
                   ->ReadStates(std::vector<int32_t>{0, 1}, 1, before.data())
                   .ok());
