@@ -25,6 +25,8 @@ struct DeviceStepper::Impl {
   // A built-in cell (the recurrent layers), or a NetFold cell sub-net.
   bool fold = false;
   RnnCell cell = RnnCell::kLstm;
+  // The original GRU (reset before the product), with its own step.
+  bool reset_before = false;
   Context ctx;
   std::vector<void*> allocations;
   // Built-in cells: the arrays and the two products of a step.
@@ -34,6 +36,9 @@ struct DeviceStepper::Impl {
   float* b_hh = nullptr;
   float* gx = nullptr;  // [max_rows, G*H]
   float* gh = nullptr;  // [max_rows, G*H]
+  // The reset-before GRU: r * h and the n product, [max_rows, H] each.
+  float* reset = nullptr;
+  float* hn = nullptr;
   // Every cell: state slots, per state [capacity + 1, width] (the last
   // slot is the spare that padded rows use); the step's inputs, slots and
   // gathered states.
@@ -87,12 +92,6 @@ absl::StatusOr<std::unique_ptr<DeviceStepper>> DeviceStepper::Create(
   if (type == "LongShortTermMemoryLayer") {
     cell = RnnCell::kLstm;
   } else if (type == "GatedRecurrentLayer") {
-    if (layer.spec().reset_before()) {
-      return absl::UnimplementedError(absl::StrFormat(
-          "layer '%s': single steps of the reset-before GRU are not "
-          "implemented on the CUDA backend yet",
-          layer.name()));
-    }
     cell = RnnCell::kGru;
   } else if (type == "BasicRecurrentLayer") {
     cell = layer.spec().function() == "relu" ? RnnCell::kRelu : RnnCell::kTanh;
@@ -121,6 +120,7 @@ absl::StatusOr<std::unique_ptr<DeviceStepper>> DeviceStepper::Create(
   d.device = info.ordinal;
   d.fold = fold;
   d.cell = cell;
+  d.reset_before = cell == RnnCell::kGru && layer.spec().reset_before();
   if (fold) {
     const Steppable* steppable = layer.AsSteppable();
     stepper->input_ = steppable->input_width();
@@ -170,6 +170,14 @@ absl::StatusOr<std::unique_ptr<DeviceStepper>> DeviceStepper::Create(
                      source.Take(layer.array_prefix() + "bias_ih", {g}));
     ASSIGN_OR_RETURN(auto b_hh,
                      source.Take(layer.array_prefix() + "bias_hh", {g}));
+    if (d.reset_before) {
+      // Both biases of every gate fold into the input product; the
+      // recurrent products then carry none.
+      for (int64_t i = 0; i < g; ++i) {
+        b_ih[i] += b_hh[i];
+        b_hh[i] = 0.0f;
+      }
+    }
     auto upload = [&](const engine::Buffer<float>& host,
                       int64_t n) -> absl::StatusOr<float*> {
       ASSIGN_OR_RETURN(float* p, d.Allocate<float>(n));
@@ -183,6 +191,10 @@ absl::StatusOr<std::unique_ptr<DeviceStepper>> DeviceStepper::Create(
     ASSIGN_OR_RETURN(d.b_hh, upload(b_hh, g));
     ASSIGN_OR_RETURN(d.gx, d.Allocate<float>(options.max_rows * g));
     ASSIGN_OR_RETURN(d.gh, d.Allocate<float>(options.max_rows * g));
+    if (d.reset_before) {
+      ASSIGN_OR_RETURN(d.reset, d.Allocate<float>(options.max_rows * h));
+      ASSIGN_OR_RETURN(d.hn, d.Allocate<float>(options.max_rows * h));
+    }
   }
 
   const int64_t rows = options.max_rows;
@@ -248,6 +260,25 @@ absl::Status DeviceStepper::EnqueueCell(int64_t c) {
                   static_cast<int>(c), static_cast<int>(input_), &one, d.w_ih,
                   static_cast<int>(input_), d.x, static_cast<int>(input_), &one,
                   d.gx, static_cast<int>(g)));
+  if (d.reset_before) {
+    // r|z products of h, then n's product of r * h, then the update.
+    const float zero = 0.0f;
+    RETURN_IF_CUBLAS(cublasSgemm(
+        d.ctx.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * h),
+        static_cast<int>(c), static_cast<int>(h), &one, d.w_hh,
+        static_cast<int>(h), d.rows[0], static_cast<int>(h), &zero, d.gh,
+        static_cast<int>(2 * h)));
+    RETURN_IF_CUDA(
+        GruResetState(d.gx, d.gh, d.rows[0], c, h, d.reset, d.ctx.stream));
+    RETURN_IF_CUBLAS(
+        cublasSgemm(d.ctx.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(h),
+                    static_cast<int>(c), static_cast<int>(h), &one,
+                    d.w_hh + 2 * h * h, static_cast<int>(h), d.reset,
+                    static_cast<int>(h), &zero, d.hn, static_cast<int>(h)));
+    RETURN_IF_CUDA(
+        GruUpdate(d.gx, d.gh, d.hn, d.rows[0], c, h, d.rows[0], d.ctx.stream));
+    return absl::OkStatus();
+  }
   RETURN_IF_CUDA(BroadcastRows(d.b_hh, g, c, d.gh, d.ctx.stream));
   RETURN_IF_CUBLAS(
       cublasSgemm(d.ctx.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(g),
@@ -360,8 +391,7 @@ absl::Status DeviceStepper::Reset(absl::Span<const int32_t> slots) {
   for (int32_t s : slots) {
     for (int k = 0; k < num_states(); ++k) {
       RETURN_IF_CUDA(cudaMemsetAsync(d.pools[k] + int64_t{s} * widths_[k], 0,
-                                     widths_[k] * sizeof(float),
-                                     d.ctx.stream));
+                                     widths_[k] * sizeof(float), d.ctx.stream));
     }
   }
   RETURN_IF_CUDA(cudaStreamSynchronize(d.ctx.stream));
@@ -381,8 +411,8 @@ absl::Status DeviceStepper::ReadStates(absl::Span<const int32_t> slots,
   RETURN_IF_CUDA(cudaSetDevice(d.device));
   RETURN_IF_CUDA(cudaMemcpyAsync(d.slots, slots.data(), n * sizeof(int32_t),
                                  cudaMemcpyHostToDevice, d.ctx.stream));
-  RETURN_IF_CUDA(GatherRows(d.pools[state], w, d.slots, n, d.rows[state],
-                            d.ctx.stream));
+  RETURN_IF_CUDA(
+      GatherRows(d.pools[state], w, d.slots, n, d.rows[state], d.ctx.stream));
   RETURN_IF_CUDA(cudaMemcpyAsync(out, d.rows[state], n * w * sizeof(float),
                                  cudaMemcpyDeviceToHost, d.ctx.stream));
   RETURN_IF_CUDA(cudaStreamSynchronize(d.ctx.stream));

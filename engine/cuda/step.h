@@ -43,11 +43,10 @@ struct DeviceStepperOptions {
 class DeviceStepper {
  public:
   // `layer` is a recurrent layer of a net (BasicRecurrentLayer,
-  // GatedRecurrentLayer in the default reset-after form, or
-  // LongShortTermMemoryLayer) or a NetFoldOperator / NetFoldListOperator
-  // over float elements; its arrays are read from `weights_path`.
-  // INVALID_ARGUMENT for another layer or bad options, UNIMPLEMENTED for the
-  // reset-before GRU, FAILED_PRECONDITION without a usable device.
+  // GatedRecurrentLayer in either form, or LongShortTermMemoryLayer) or a
+  // NetFoldOperator / NetFoldListOperator over float elements; its arrays
+  // are read from `weights_path`. INVALID_ARGUMENT for another layer or bad
+  // options, FAILED_PRECONDITION without a usable device.
   static absl::StatusOr<std::unique_ptr<DeviceStepper>> Create(
       const Layer& layer, const std::string& weights_path, int device,
       const DeviceStepperOptions& options);

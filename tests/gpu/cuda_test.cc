@@ -17,8 +17,8 @@
 #include "absl/strings/str_format.h"
 #include "engine/cuda/program.h"
 #include "engine/cuda/step.h"
-#include "engine/step.h"
 #include "engine/model.h"
+#include "engine/step.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/model_files.h"
@@ -346,9 +346,13 @@ INSTANTIATE_TEST_SUITE_P(
     Cells, CudaStepper,
     testing::Values(StepCase{"LongShortTermMemoryLayer", "", 4},
                     StepCase{"GatedRecurrentLayer", "", 3},
+                    StepCase{"GatedRecurrentLayer", "reset_before: true", 3},
                     StepCase{"BasicRecurrentLayer", "function: \"relu\"", 1}),
     [](const testing::TestParamInfo<StepCase>& info) {
-      return std::string(info.param.type);
+      return std::string(info.param.type) +
+             (std::string(info.param.extra).empty()
+                  ? ""
+                  : "_" + std::to_string(info.index));
     });
 
 // A NetFold cell (the peephole LSTM fixture, two states of width 7) stepped
@@ -383,8 +387,8 @@ TEST(CudaStepperFold, CellStepsMatchTheCpuStepRunner) {
     for (int t = 0; t < 6; ++t) {
       // Every other step the rows come in reverse order; at t = 4 the
       // middle sequence has ended.
-      std::vector<int> who = t < 4 ? std::vector<int>{0, 1, 2}
-                                   : std::vector<int>{0, 2};
+      std::vector<int> who =
+          t < 4 ? std::vector<int>{0, 1, 2} : std::vector<int>{0, 2};
       if (t % 2) std::reverse(who.begin(), who.end());
       std::vector<float> x, hs, cs;
       std::vector<int32_t> step_slots;
