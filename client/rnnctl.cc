@@ -343,9 +343,9 @@ void PrintModelDetail(const v1::ModelInfo& model) {
   field("device", model.device());
   field("precision", model.precision());
   if (model.device_memory_bytes() > 0) {
-    field("device_memory", absl::StrFormat("%.1f MiB",
-                                           model.device_memory_bytes() /
-                                               (1024.0 * 1024.0)));
+    field("device_memory",
+          absl::StrFormat("%.1f MiB",
+                          model.device_memory_bytes() / (1024.0 * 1024.0)));
   }
   field("max_sequence_length", absl::StrCat(model.max_sequence_length()));
   field("max_batch_size", absl::StrCat(model.max_batch_size()));

@@ -95,6 +95,8 @@ class NetMapOperator : public Layer {
     return layer;
   }
 
+  std::vector<const Graph*> subnets() const override { return {net_.get()}; }
+
   void InitScratch(LayerScratch* scratch) const override {
     scratch->nested.push_back(net_->NewState());
   }
@@ -115,10 +117,6 @@ class NetMapOperator : public Layer {
 
  private:
   using Layer::Layer;
- public:
-  std::vector<const Graph*> subnets() const override { return {net_.get()}; }
-
- private:
   std::unique_ptr<Graph> net_;
 };
 
@@ -173,6 +171,8 @@ class NetFoldOperator : public Layer, public Steppable {
     }
     return ports;
   }
+
+  std::vector<const Graph*> subnets() const override { return {net_.get()}; }
 
   void InitScratch(LayerScratch* scratch) const override {
     scratch->nested.push_back(net_->NewState());
@@ -322,10 +322,6 @@ class NetFoldOperator : public Layer, public Steppable {
   PortType element_type_;
   std::vector<int64_t> widths_;
   std::vector<PortType> state_types_;
- public:
-  std::vector<const Graph*> subnets() const override { return {net_.get()}; }
-
- private:
   std::unique_ptr<Graph> net_;
 };
 
@@ -370,6 +366,8 @@ class NetNestOperator : public Layer {
     };
   }
 
+  std::vector<const Graph*> subnets() const override { return {net_.get()}; }
+
   void InitScratch(LayerScratch* scratch) const override {
     scratch->nested.push_back(net_->NewState());
     scratch->values.resize(1);
@@ -412,10 +410,6 @@ class NetNestOperator : public Layer {
 
   bool list_ = false;
   const int64_t ctx_iterations_;
- public:
-  std::vector<const Graph*> subnets() const override { return {net_.get()}; }
-
- private:
   std::unique_ptr<Graph> net_;
 };
 
@@ -469,6 +463,10 @@ class NetBidirectionalOperator : public Layer {
     layer->parameter_count_ = layer->forward_->parameter_count() +
                               layer->backward_->parameter_count();
     return layer;
+  }
+
+  std::vector<const Graph*> subnets() const override {
+    return {forward_.get(), backward_.get()};
   }
 
   void InitScratch(LayerScratch* scratch) const override {
@@ -552,12 +550,6 @@ class NetBidirectionalOperator : public Layer {
  private:
   using Layer::Layer;
   Join join_ = Join::kCatenate;
- public:
-  std::vector<const Graph*> subnets() const override {
-    return {forward_.get(), backward_.get()};
-  }
-
- private:
   std::unique_ptr<Graph> forward_, backward_;
 };
 
