@@ -138,6 +138,34 @@ Timing TimeCalls(Fn&& fn, int reps, int warmup) {
   return {median, ms.front(), ms.back()};
 }
 
+// Times two calls alternately, a then b, rep after rep, so that the slow
+// drifts of a shared machine fall on both sides of their ratio alike.
+template <typename FnA, typename FnB>
+std::pair<Timing, Timing> TimePaired(FnA&& a, FnB&& b, int reps, int warmup) {
+  for (int i = 0; i < warmup; ++i) {
+    a();
+    b();
+  }
+  std::vector<double> ms_a(reps), ms_b(reps);
+  for (int i = 0; i < reps; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    a();
+    auto t1 = std::chrono::steady_clock::now();
+    b();
+    auto t2 = std::chrono::steady_clock::now();
+    ms_a[i] = std::chrono::duration<double, std::milli>(t1 - t0).count();
+    ms_b[i] = std::chrono::duration<double, std::milli>(t2 - t1).count();
+  }
+  auto summarize = [](std::vector<double>& ms) -> Timing {
+    std::sort(ms.begin(), ms.end());
+    const size_t mid = ms.size() / 2;
+    const double median =
+        ms.size() % 2 == 1 ? ms[mid] : 0.5 * (ms[mid - 1] + ms[mid]);
+    return {median, ms.front(), ms.back()};
+  };
+  return {summarize(ms_a), summarize(ms_b)};
+}
+
 std::vector<float> RandomVector(int64_t n, float scale, std::mt19937* rng) {
   std::uniform_real_distribution<float> dist(-scale, scale);
   std::vector<float> v(n);
@@ -760,8 +788,9 @@ int Main(int argc, char** argv) {
           MaxAbsDiff(engine_run.output(), onednn_run.output(), batch);
       r.onednn_impl = onednn_run.implementation();
       r.onednn_weights = onednn_run.weights_format();
-      r.engine = TimeCalls([&] { (void)engine_run.Run(); }, reps, warmup);
-      r.onednn = TimeCalls([&] { onednn_run.Run(); }, reps, warmup);
+      std::tie(r.engine, r.onednn) =
+          TimePaired([&] { (void)engine_run.Run(); }, [&] { onednn_run.Run(); },
+                     reps, warmup);
       shapes.push_back(r);
     }
   }
