@@ -49,6 +49,8 @@ class DeviceProgram {
   // "cuda:0 (NVIDIA H200)".
   virtual std::string device_name() const = 0;
   // Device memory the program holds for the life of the net (weights).
+  // TODO: count the workspaces too (they grow with the largest batch each
+  // concurrent request has run) and check them against the budget.
   virtual int64_t resident_bytes() const = 0;
 
   virtual absl::StatusOr<std::unique_ptr<DeviceWorkspace>> NewWorkspace()

@@ -437,6 +437,8 @@ class GruResetBeforeOp : public Op {
 // cuDNN does not give: the input projection for the whole batch, then per
 // step one product and the cell kernel on the live rows, writing each
 // step's states and cells in place.
+// TODO: capture the step loop as a CUDA graph; each step now launches its
+// copies, product and kernel from the host.
 class LstmWithCellsOp : public Op {
  public:
   LstmWithCellsOp(const Layer& layer, int64_t input, int64_t hidden,
