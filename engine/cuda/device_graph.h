@@ -16,6 +16,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/types/span.h"
 #include "engine/buffer.h"
 #include "engine/cuda/check.h"
 #include "engine/cuda/rnn_weights.h"
@@ -250,6 +251,9 @@ class SubProgram;
 class ProgramState {
  public:
   std::vector<std::vector<DValue>> values;  // per node, per output port
+  // Argument lists, reused by every run (sub-nets run once per step).
+  std::vector<const DValue*> in_ptrs;
+  std::vector<DValue*> out_ptrs;
   std::vector<OpState> ops;
   std::vector<const DValue*> inputs;
 };
@@ -274,8 +278,8 @@ class SubProgram {
   absl::Status Run(const std::vector<const DValue*>& inputs,
                    ProgramState* state, const Context& ctx) const {
     state->inputs = inputs;
-    std::vector<const DValue*> in;
-    std::vector<DValue*> out;
+    std::vector<const DValue*>& in = state->in_ptrs;
+    std::vector<DValue*>& out = state->out_ptrs;
     for (size_t n = 0; n < nodes_.size(); ++n) {
       in.clear();
       out.clear();
@@ -324,9 +328,39 @@ absl::Status LinearProduct(const Context& ctx, const DeviceMatrix& weight,
                            const float* x, int64_t rows, float* y,
                            DeviceBuffer* staging);
 
-// The length-aware reversal of `l` as a row index, and y = x reversed with
-// it (the index goes up through op buffer `slot`).
-void ReverseIndex(const SequenceLayout& l, std::vector<int32_t>* index);
+// The row indices ops gather by, computed on the host from a layout.
+enum class LayoutIndex {
+  // Row s takes caller row original_index(s): caller order into sorted.
+  kIntoSorted,
+  // Row i takes sorted row sorted_position(i): sorted order into caller's.
+  kIntoCaller,
+  // Row i takes the packed row of instance i's last element.
+  kLastElements,
+  // Packed row (s, t) takes row (s, length - 1 - t): length-aware reversal.
+  kReversed,
+};
+
+// Fills st->host_index with index `kind` of `l` and uploads it to op buffer
+// `slot`; returns it on the device.
+absl::StatusOr<const int32_t*> UploadLayoutIndex(LayoutIndex kind,
+                                                 const SequenceLayout& l,
+                                                 OpState* st, size_t slot,
+                                                 const Context& ctx);
+
+// Initial states into sorted order: rows of `from` gathered by `index`
+// (kIntoSorted), or zeros when `from` is null (then `index` may be too).
+absl::Status GatherOrZero(const DValue* from, int64_t width,
+                          const int32_t* index, int64_t rows, float* to,
+                          const Context& ctx);
+
+// The kIntoSorted index when any of `initial` is given, else nullptr: a run
+// without initial states uploads nothing.
+absl::StatusOr<const int32_t*> SortedOrderIfAny(
+    absl::Span<const DValue* const> initial, const SequenceLayout& l,
+    OpState* st, size_t slot, const Context& ctx);
+
+// y = x reversed within each sequence's length (the index goes up through
+// op buffer `slot`).
 absl::Status Reverse(const DValue& x, DValue* y, OpState* st, size_t slot,
                      const Context& ctx);
 
@@ -340,6 +374,22 @@ absl::StatusOr<std::unique_ptr<Op>> LowerOperator(
 // Recurrences (ops_recurrent.cc).
 absl::StatusOr<RnnCell> CellOf(const Layer& layer);
 bool IsRecurrent(const Layer& layer);
+// The arrays of one recurrent layer (input width `input`), kept on the host
+// until they are on the device.
+struct LoadedRecurrent {
+  engine::Buffer<float> weight_ih, weight_hh, bias_ih, bias_hh;
+  RecurrentArrays view;
+};
+absl::StatusOr<LoadedRecurrent> LoadRecurrent(const Layer& layer, int64_t input,
+                                              Lowering& lw);
+// One step of the original GRU (reset before the product) on `rows` rows:
+// `x` holds their input projections with every bias folded in [rows, 3h];
+// `hr`, `reset` and `hn` are scratch ([rows, 2h], [rows, h], [rows, h]).
+// `next` may be `prev`.
+absl::Status GruResetBeforeStep(const Context& ctx, const DeviceMatrix& w_hh,
+                                const float* x, const float* prev, int64_t rows,
+                                int64_t h, float* hr, float* reset, float* hn,
+                                float* next, DeviceBuffer* staging);
 // A recurrent layer; `needed` says which of its outputs anything reads.
 absl::StatusOr<std::unique_ptr<Op>> LowerRecurrent(
     const Layer& layer, int64_t input, const std::vector<bool>& needed,

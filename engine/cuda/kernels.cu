@@ -15,6 +15,16 @@ int Blocks(int64_t n) {
   return static_cast<int>(b < 65535 * 32 ? (b > 0 ? b : 1) : 65535 * 32);
 }
 
+// Launches a grid-stride `kernel` over n elements on `stream`; nothing when
+// n is 0.
+template <typename... Params, typename... Args>
+cudaError_t LaunchOver(int64_t n, cudaStream_t stream,
+                       void (*kernel)(Params...), Args... args) {
+  if (n == 0) return cudaSuccess;
+  kernel<<<Blocks(n), kThreads, 0, stream>>>(args...);
+  return cudaGetLastError();
+}
+
 __global__ void GatherRowsKernel(const float* __restrict__ x, int64_t width,
                                  const int32_t* __restrict__ index,
                                  int64_t rows, float* __restrict__ y) {
@@ -326,59 +336,41 @@ __global__ void AttentionKernel(
 
 cudaError_t FloatToReduced(const float* x, void* y, int64_t n, bool bf16,
                            cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  if (bf16) {
-    ToBf16Kernel<<<Blocks(n), kThreads, 0, stream>>>(
-        x, static_cast<__nv_bfloat16*>(y), n);
-  } else {
-    ToHalfKernel<<<Blocks(n), kThreads, 0, stream>>>(x, static_cast<__half*>(y),
-                                                     n);
-  }
-  return cudaGetLastError();
+  return bf16 ? LaunchOver(n, stream, ToBf16Kernel, x,
+                           static_cast<__nv_bfloat16*>(y), n)
+              : LaunchOver(n, stream, ToHalfKernel, x, static_cast<__half*>(y),
+                           n);
 }
 
 cudaError_t ReducedToFloat(const void* x, float* y, int64_t n, bool bf16,
                            cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  if (bf16) {
-    FromBf16Kernel<<<Blocks(n), kThreads, 0, stream>>>(
-        static_cast<const __nv_bfloat16*>(x), y, n);
-  } else {
-    FromHalfKernel<<<Blocks(n), kThreads, 0, stream>>>(
-        static_cast<const __half*>(x), y, n);
-  }
-  return cudaGetLastError();
+  return bf16 ? LaunchOver(n, stream, FromBf16Kernel,
+                           static_cast<const __nv_bfloat16*>(x), y, n)
+              : LaunchOver(n, stream, FromHalfKernel,
+                           static_cast<const __half*>(x), y, n);
 }
 
 cudaError_t GatherRows(const float* x, int64_t width, const int32_t* index,
                        int64_t rows, float* y, cudaStream_t stream) {
-  if (rows == 0) return cudaSuccess;
-  GatherRowsKernel<<<Blocks(rows * width), kThreads, 0, stream>>>(
-      x, width, index, rows, y);
-  return cudaGetLastError();
+  return LaunchOver(rows * width, stream, GatherRowsKernel, x, width, index,
+                    rows, y);
 }
 
 cudaError_t CopyColumns(const float* x, int64_t x_width, int64_t rows, float* y,
                         int64_t y_width, int64_t c0, cudaStream_t stream) {
-  if (rows == 0) return cudaSuccess;
-  CopyColumnsKernel<<<Blocks(rows * x_width), kThreads, 0, stream>>>(
-      x, x_width, rows, y, y_width, c0);
-  return cudaGetLastError();
+  return LaunchOver(rows * x_width, stream, CopyColumnsKernel, x, x_width, rows,
+                    y, y_width, c0);
 }
 
 cudaError_t BroadcastRows(const float* bias, int64_t width, int64_t rows,
                           float* y, cudaStream_t stream) {
-  if (rows == 0) return cudaSuccess;
-  BroadcastRowsKernel<<<Blocks(rows * width), kThreads, 0, stream>>>(
-      bias, width, rows, y);
-  return cudaGetLastError();
+  return LaunchOver(rows * width, stream, BroadcastRowsKernel, bias, width,
+                    rows, y);
 }
 
 cudaError_t Activate(Activation f, const float* x, float* y, int64_t n,
                      cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  ActivateKernel<<<Blocks(n), kThreads, 0, stream>>>(f, x, y, n);
-  return cudaGetLastError();
+  return LaunchOver(n, stream, ActivateKernel, f, x, y, n);
 }
 
 cudaError_t Softmax(const float* x, float* y, int64_t rows, int64_t width,
@@ -393,65 +385,48 @@ cudaError_t Softmax(const float* x, float* y, int64_t rows, int64_t width,
 
 cudaError_t CombineElements(Combine op, const float* a, const float* b,
                             float* y, int64_t n, cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  CombineKernel<<<Blocks(n), kThreads, 0, stream>>>(op, a, b, y, n);
-  return cudaGetLastError();
+  return LaunchOver(n, stream, CombineKernel, op, a, b, y, n);
 }
 
 cudaError_t Scale(float s, float* y, int64_t n, cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  ScaleKernel<<<Blocks(n), kThreads, 0, stream>>>(s, y, n);
-  return cudaGetLastError();
+  return LaunchOver(n, stream, ScaleKernel, s, y, n);
 }
 
 cudaError_t GruResetState(const float* x, const float* hr, const float* prev,
                           int64_t rows, int64_t h, float* reset,
                           cudaStream_t stream) {
-  if (rows == 0) return cudaSuccess;
-  GruResetStateKernel<<<Blocks(rows * h), kThreads, 0, stream>>>(
-      x, hr, prev, rows, h, reset);
-  return cudaGetLastError();
+  return LaunchOver(rows * h, stream, GruResetStateKernel, x, hr, prev, rows, h,
+                    reset);
 }
 
 cudaError_t GruUpdate(const float* x, const float* hr, const float* hn,
                       const float* prev, int64_t rows, int64_t h, float* next,
                       cudaStream_t stream) {
-  if (rows == 0) return cudaSuccess;
-  GruUpdateKernel<<<Blocks(rows * h), kThreads, 0, stream>>>(x, hr, hn, prev,
-                                                             rows, h, next);
-  return cudaGetLastError();
+  return LaunchOver(rows * h, stream, GruUpdateKernel, x, hr, hn, prev, rows, h,
+                    next);
 }
 
 cudaError_t ScatterRows(const float* x, int64_t width, const int32_t* index,
                         int64_t rows, float* pool, cudaStream_t stream) {
-  if (rows == 0) return cudaSuccess;
-  ScatterRowsKernel<<<Blocks(rows * width), kThreads, 0, stream>>>(
-      x, width, index, rows, pool);
-  return cudaGetLastError();
+  return LaunchOver(rows * width, stream, ScatterRowsKernel, x, width, index,
+                    rows, pool);
 }
 
 cudaError_t LstmStep(const float* gx, const float* gh, int64_t rows, int64_t h,
                      float* state, float* cell, cudaStream_t stream) {
-  if (rows == 0) return cudaSuccess;
-  LstmStepKernel<<<Blocks(rows * h), kThreads, 0, stream>>>(gx, gh, rows, h,
-                                                            state, cell);
-  return cudaGetLastError();
+  return LaunchOver(rows * h, stream, LstmStepKernel, gx, gh, rows, h, state,
+                    cell);
 }
 
 cudaError_t GruStep(const float* gx, const float* gh, int64_t rows, int64_t h,
                     float* state, cudaStream_t stream) {
-  if (rows == 0) return cudaSuccess;
-  GruStepKernel<<<Blocks(rows * h), kThreads, 0, stream>>>(gx, gh, rows, h,
-                                                           state);
-  return cudaGetLastError();
+  return LaunchOver(rows * h, stream, GruStepKernel, gx, gh, rows, h, state);
 }
 
 cudaError_t RnnStep(const float* gx, const float* gh, int64_t rows, int64_t h,
                     bool relu, float* state, cudaStream_t stream) {
-  if (rows == 0) return cudaSuccess;
-  RnnStepKernel<<<Blocks(rows * h), kThreads, 0, stream>>>(gx, gh, rows, h,
-                                                           relu, state);
-  return cudaGetLastError();
+  return LaunchOver(rows * h, stream, RnnStepKernel, gx, gh, rows, h, relu,
+                    state);
 }
 
 cudaError_t Attention(const float* query, const float* keys, int64_t width,

@@ -11,21 +11,73 @@
 
 namespace rnnserve::engine::cuda {
 
-// Fills host_index with the length-aware reversal of `l`.
-void ReverseIndex(const SequenceLayout& l, std::vector<int32_t>* index) {
-  index->resize(l.total_rows());
-  for (int64_t t = 0; t < l.max_length(); ++t) {
-    for (int64_t s = 0; s < l.batch_size(t); ++s) {
-      (*index)[l.row(s, t)] =
-          static_cast<int32_t>(l.row(s, l.sorted_length(s) - 1 - t));
+absl::StatusOr<const int32_t*> UploadLayoutIndex(LayoutIndex kind,
+                                                 const SequenceLayout& l,
+                                                 OpState* st, size_t slot,
+                                                 const Context& ctx) {
+  std::vector<int32_t>& index = st->host_index;
+  switch (kind) {
+    case LayoutIndex::kIntoSorted:
+      index.resize(l.batch());
+      for (int64_t s = 0; s < l.batch(); ++s) {
+        index[s] = static_cast<int32_t>(l.original_index(s));
+      }
+      break;
+    case LayoutIndex::kIntoCaller:
+      index.resize(l.batch());
+      for (int64_t i = 0; i < l.batch(); ++i) {
+        index[i] = static_cast<int32_t>(l.sorted_position(i));
+      }
+      break;
+    case LayoutIndex::kLastElements:
+      index.resize(l.batch());
+      for (int64_t i = 0; i < l.batch(); ++i) {
+        const int64_t s = l.sorted_position(i);
+        index[i] = static_cast<int32_t>(l.row(s, l.sorted_length(s) - 1));
+      }
+      break;
+    case LayoutIndex::kReversed:
+      index.resize(l.total_rows());
+      for (int64_t t = 0; t < l.max_length(); ++t) {
+        for (int64_t s = 0; s < l.batch_size(t); ++s) {
+          index[l.row(s, t)] =
+              static_cast<int32_t>(l.row(s, l.sorted_length(s) - 1 - t));
+        }
+      }
+      break;
+  }
+  return st->UploadIndex(slot, ctx);
+}
+
+absl::Status GatherOrZero(const DValue* from, int64_t width,
+                          const int32_t* index, int64_t rows, float* to,
+                          const Context& ctx) {
+  if (from == nullptr) {
+    RETURN_IF_CUDA(
+        cudaMemsetAsync(to, 0, rows * width * sizeof(float), ctx.stream));
+  } else {
+    RETURN_IF_CUDA(
+        GatherRows(from->data(), width, index, rows, to, ctx.stream));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<const int32_t*> SortedOrderIfAny(
+    absl::Span<const DValue* const> initial, const SequenceLayout& l,
+    OpState* st, size_t slot, const Context& ctx) {
+  for (const DValue* v : initial) {
+    if (v != nullptr) {
+      return UploadLayoutIndex(LayoutIndex::kIntoSorted, l, st, slot, ctx);
     }
   }
+  return static_cast<const int32_t*>(nullptr);
 }
 
 absl::Status Reverse(const DValue& x, DValue* y, OpState* st, size_t slot,
                      const Context& ctx) {
-  ReverseIndex(*x.layout, &st->host_index);
-  ASSIGN_OR_RETURN(const int32_t* index, st->UploadIndex(slot, ctx));
+  ASSIGN_OR_RETURN(
+      const int32_t* index,
+      UploadLayoutIndex(LayoutIndex::kReversed, *x.layout, st, slot, ctx));
   RETURN_IF_ERROR(y->Reshape(x.type, x.rows, x.layout));
   RETURN_IF_CUDA(
       GatherRows(x.data(), x.type.width, index, x.rows, y->data(), ctx.stream));
@@ -159,13 +211,9 @@ class SequenceLastOp : public Op {
                    const Context& ctx) const override {
     const DValue& x = *in[0];
     const SequenceLayout& l = *x.layout;
-    st->host_index.resize(l.batch());
-    for (int64_t i = 0; i < l.batch(); ++i) {
-      const int64_t s = l.sorted_position(i);
-      st->host_index[i] =
-          static_cast<int32_t>(l.row(s, l.sorted_length(s) - 1));
-    }
-    ASSIGN_OR_RETURN(const int32_t* index, st->UploadIndex(0, ctx));
+    ASSIGN_OR_RETURN(
+        const int32_t* index,
+        UploadLayoutIndex(LayoutIndex::kLastElements, l, st, 0, ctx));
     RETURN_IF_ERROR(out[0]->Reshape(type_, l.batch(), nullptr));
     RETURN_IF_CUDA(GatherRows(x.data(), type_.width, index, l.batch(),
                               out[0]->data(), ctx.stream));

@@ -132,25 +132,18 @@ class NetFoldOp : public Op {
     element.sequence = false;
     element.layout = -1;
     // Initial states: zeros, or the inputs gathered into sorted order.
-    st->host_index.resize(batch);
-    for (int64_t s = 0; s < batch; ++s) {
-      st->host_index[s] = static_cast<int32_t>(l.original_index(s));
-    }
-    ASSIGN_OR_RETURN(const int32_t* order, st->UploadIndex(0, ctx));
+    const absl::Span<const DValue* const> initial =
+        absl::MakeConstSpan(in).subspan(1);
+    ASSIGN_OR_RETURN(const int32_t* order,
+                     SortedOrderIfAny(initial, l, st, 0, ctx));
     int64_t total = 0;
     for (int j = 0; j < k; ++j) {
       DValue& state = st->values[1 + j];
       const PortType type{false, false, widths_[j], -1};
       RETURN_IF_ERROR(state.Reshape(type, batch, nullptr));
-      const DValue* initial =
-          1 + j < static_cast<int>(in.size()) ? in[1 + j] : nullptr;
-      if (initial == nullptr) {
-        RETURN_IF_CUDA(cudaMemsetAsync(
-            state.data(), 0, batch * widths_[j] * sizeof(float), ctx.stream));
-      } else {
-        RETURN_IF_CUDA(GatherRows(initial->data(), widths_[j], order, batch,
-                                  state.data(), ctx.stream));
-      }
+      RETURN_IF_ERROR(GatherOrZero(
+          j < static_cast<int>(initial.size()) ? initial[j] : nullptr,
+          widths_[j], order, batch, state.data(), ctx));
       if (list_) {
         RETURN_IF_ERROR(
             out[j]->Reshape(layer_.output_type(j), x.rows, x.layout));
@@ -192,11 +185,9 @@ class NetFoldOp : public Op {
       }
     }
     if (!list_) {
-      st->host_index.resize(batch);
-      for (int64_t i = 0; i < batch; ++i) {
-        st->host_index[i] = static_cast<int32_t>(l.sorted_position(i));
-      }
-      ASSIGN_OR_RETURN(const int32_t* back, st->UploadIndex(2, ctx));
+      ASSIGN_OR_RETURN(
+          const int32_t* back,
+          UploadLayoutIndex(LayoutIndex::kIntoCaller, l, st, 2, ctx));
       for (int j = 0; j < k; ++j) {
         RETURN_IF_ERROR(out[j]->Reshape(layer_.output_type(j), batch, nullptr));
         RETURN_IF_CUDA(GatherRows(st->values[1 + j].data(), widths_[j], back,
@@ -310,11 +301,9 @@ class AttentionOp : public Op {
       st->host_index[t] = static_cast<int32_t>(l.offset(t));
     }
     ASSIGN_OR_RETURN(const int32_t* offsets, st->UploadIndex(0, ctx));
-    st->host_index.resize(batch);
-    for (int64_t i = 0; i < batch; ++i) {
-      st->host_index[i] = static_cast<int32_t>(l.sorted_position(i));
-    }
-    ASSIGN_OR_RETURN(const int32_t* position, st->UploadIndex(1, ctx));
+    ASSIGN_OR_RETURN(
+        const int32_t* position,
+        UploadLayoutIndex(LayoutIndex::kIntoCaller, l, st, 1, ctx));
     for (int64_t i = 0; i < batch; ++i) {
       st->host_index[i] =
           static_cast<int32_t>(l.sorted_length(l.sorted_position(i)));

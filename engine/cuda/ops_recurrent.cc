@@ -239,11 +239,9 @@ class CudnnRnnOp : public Op {
     float* hx = nullptr;
     float* cx = nullptr;
     if (has_h0 || has_c0) {
-      st->host_index.resize(batch);
-      for (int64_t s = 0; s < batch; ++s) {
-        st->host_index[s] = static_cast<int32_t>(l.original_index(s));
-      }
-      ASSIGN_OR_RETURN(const int32_t* order, st->UploadIndex(1, ctx));
+      ASSIGN_OR_RETURN(
+          const int32_t* order,
+          UploadLayoutIndex(LayoutIndex::kIntoSorted, l, st, 1, ctx));
       if (has_h0) {
         ASSIGN_OR_RETURN(hx, st->Scratch<float>(2, batch * h));
         RETURN_IF_CUDA(
@@ -317,11 +315,9 @@ class CudnnRnnOp : public Op {
     // Final states back to caller order (one direction: layers that expose
     // them are never fused).
     if (want_h || want_c) {
-      st->host_index.resize(batch);
-      for (int64_t i = 0; i < batch; ++i) {
-        st->host_index[i] = static_cast<int32_t>(l.sorted_position(i));
-      }
-      ASSIGN_OR_RETURN(const int32_t* back, st->UploadIndex(1, ctx));
+      ASSIGN_OR_RETURN(
+          const int32_t* back,
+          UploadLayoutIndex(LayoutIndex::kIntoCaller, l, st, 1, ctx));
       if (want_h) {
         RETURN_IF_ERROR(out[1]->Reshape(layer_.output_type(1), batch, nullptr));
         RETURN_IF_CUDA(
@@ -381,18 +377,10 @@ class GruResetBeforeOp : public Op {
     DeviceBuffer* staging = &st->buffers[6];
     RETURN_IF_ERROR(LinearProduct(ctx, weight_ih_, bias_, 3 * h, input_,
                                   x.data(), x.rows, xproj, staging));
-    if (in.size() > 1 && in[1] != nullptr) {
-      st->host_index.resize(batch);
-      for (int64_t s = 0; s < batch; ++s) {
-        st->host_index[s] = static_cast<int32_t>(l.original_index(s));
-      }
-      ASSIGN_OR_RETURN(const int32_t* order, st->UploadIndex(5, ctx));
-      RETURN_IF_CUDA(
-          GatherRows(in[1]->data(), h, order, batch, h0, ctx.stream));
-    } else {
-      RETURN_IF_CUDA(
-          cudaMemsetAsync(h0, 0, batch * h * sizeof(float), ctx.stream));
-    }
+    const DValue* initial = in.size() > 1 ? in[1] : nullptr;
+    ASSIGN_OR_RETURN(const int32_t* order,
+                     SortedOrderIfAny({initial}, l, st, 5, ctx));
+    RETURN_IF_ERROR(GatherOrZero(initial, h, order, batch, h0, ctx));
     DValue& y = *out[0];
     RETURN_IF_ERROR(y.Reshape(layer_.output_type(0), x.rows, x.layout));
     for (int64_t t = 0; t < l.max_length(); ++t) {
@@ -400,23 +388,14 @@ class GruResetBeforeOp : public Op {
       // Sorted order keeps the live rows of a step leading, so the previous
       // step's first `live` rows are these rows' states.
       const float* prev = t == 0 ? h0 : y.data() + l.offset(t - 1) * h;
-      const float* xt = xproj + l.offset(t) * 3 * h;
-      RETURN_IF_ERROR(LinearProduct(ctx, weight_hh_, nullptr, 2 * h, h, prev,
-                                    live, hr, staging));
-      RETURN_IF_CUDA(GruResetState(xt, hr, prev, live, h, reset, ctx.stream));
-      RETURN_IF_ERROR(LinearProduct(ctx, weight_hh_.At(2 * h * h), nullptr, h,
-                                    h, reset, live, hn, staging));
-      RETURN_IF_CUDA(GruUpdate(xt, hr, hn, prev, live, h,
-                               y.data() + l.offset(t) * h, ctx.stream));
+      RETURN_IF_ERROR(GruResetBeforeStep(
+          ctx, weight_hh_, xproj + l.offset(t) * 3 * h, prev, live, h, hr,
+          reset, hn, y.data() + l.offset(t) * h, staging));
     }
     if (needed_.size() > 1 && needed_[1]) {
-      st->host_index.resize(batch);
-      for (int64_t i = 0; i < batch; ++i) {
-        const int64_t s = l.sorted_position(i);
-        st->host_index[i] =
-            static_cast<int32_t>(l.row(s, l.sorted_length(s) - 1));
-      }
-      ASSIGN_OR_RETURN(const int32_t* last, st->UploadIndex(5, ctx));
+      ASSIGN_OR_RETURN(
+          const int32_t* last,
+          UploadLayoutIndex(LayoutIndex::kLastElements, l, st, 5, ctx));
       RETURN_IF_ERROR(out[1]->Reshape(layer_.output_type(1), batch, nullptr));
       RETURN_IF_CUDA(
           GatherRows(y.data(), h, last, batch, out[1]->data(), ctx.stream));
@@ -470,23 +449,12 @@ class LstmWithCellsOp : public Op {
     DeviceBuffer* staging = &st->buffers[5];
     RETURN_IF_ERROR(LinearProduct(ctx, weight_ih_, bias_ih_, g, input_,
                                   x.data(), x.rows, xproj, staging));
-    st->host_index.resize(batch);
-    for (int64_t s = 0; s < batch; ++s) {
-      st->host_index[s] = static_cast<int32_t>(l.original_index(s));
-    }
-    ASSIGN_OR_RETURN(const int32_t* order, st->UploadIndex(4, ctx));
-    for (int k = 0; k < 2; ++k) {
-      float* to = k == 0 ? h0 : c0;
-      const DValue* from =
-          static_cast<int>(in.size()) > 1 + k ? in[1 + k] : nullptr;
-      if (from == nullptr) {
-        RETURN_IF_CUDA(
-            cudaMemsetAsync(to, 0, batch * h * sizeof(float), ctx.stream));
-      } else {
-        RETURN_IF_CUDA(
-            GatherRows(from->data(), h, order, batch, to, ctx.stream));
-      }
-    }
+    const DValue* state0 = in.size() > 1 ? in[1] : nullptr;
+    const DValue* cell0 = in.size() > 2 ? in[2] : nullptr;
+    ASSIGN_OR_RETURN(const int32_t* order,
+                     SortedOrderIfAny({state0, cell0}, l, st, 4, ctx));
+    RETURN_IF_ERROR(GatherOrZero(state0, h, order, batch, h0, ctx));
+    RETURN_IF_ERROR(GatherOrZero(cell0, h, order, batch, c0, ctx));
     DValue& y = *out[0];
     DValue& cells = *out[3];
     RETURN_IF_ERROR(y.Reshape(layer_.output_type(0), x.rows, x.layout));
@@ -509,13 +477,9 @@ class LstmWithCellsOp : public Op {
                               cells.data() + off * h, ctx.stream));
     }
     // Final state and cell, in caller order.
-    st->host_index.resize(batch);
-    for (int64_t i = 0; i < batch; ++i) {
-      const int64_t s = l.sorted_position(i);
-      st->host_index[i] =
-          static_cast<int32_t>(l.row(s, l.sorted_length(s) - 1));
-    }
-    ASSIGN_OR_RETURN(const int32_t* last, st->UploadIndex(4, ctx));
+    ASSIGN_OR_RETURN(
+        const int32_t* last,
+        UploadLayoutIndex(LayoutIndex::kLastElements, l, st, 4, ctx));
     for (int k = 1; k <= 2; ++k) {
       if (needed_.size() <= static_cast<size_t>(k) || !needed_[k]) continue;
       RETURN_IF_ERROR(out[k]->Reshape(layer_.output_type(k), batch, nullptr));
@@ -537,6 +501,20 @@ class LstmWithCellsOp : public Op {
 
 }  // namespace
 
+absl::Status GruResetBeforeStep(const Context& ctx, const DeviceMatrix& w_hh,
+                                const float* x, const float* prev, int64_t rows,
+                                int64_t h, float* hr, float* reset, float* hn,
+                                float* next, DeviceBuffer* staging) {
+  // r|z products of h, then n's product of r * h, then the update.
+  RETURN_IF_ERROR(
+      LinearProduct(ctx, w_hh, nullptr, 2 * h, h, prev, rows, hr, staging));
+  RETURN_IF_CUDA(GruResetState(x, hr, prev, rows, h, reset, ctx.stream));
+  RETURN_IF_ERROR(LinearProduct(ctx, w_hh.At(2 * h * h), nullptr, h, h, reset,
+                                rows, hn, staging));
+  RETURN_IF_CUDA(GruUpdate(x, hr, hn, prev, rows, h, next, ctx.stream));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<RnnCell> CellOf(const Layer& layer) {
   const std::string& type = layer.type();
   if (type == "LongShortTermMemoryLayer") return RnnCell::kLstm;
@@ -548,15 +526,6 @@ absl::StatusOr<RnnCell> CellOf(const Layer& layer) {
 }
 
 bool IsRecurrent(const Layer& layer) { return CellOf(layer).ok(); }
-
-namespace {
-
-// The arrays of one recurrent layer, kept alive until they are on the
-// device.
-struct LoadedRecurrent {
-  engine::Buffer<float> weight_ih, weight_hh, bias_ih, bias_hh;
-  RecurrentArrays view;
-};
 
 absl::StatusOr<LoadedRecurrent> LoadRecurrent(const Layer& layer, int64_t input,
                                               Lowering& lw) {
@@ -575,8 +544,6 @@ absl::StatusOr<LoadedRecurrent> LoadRecurrent(const Layer& layer, int64_t input,
             h};
   return r;
 }
-
-}  // namespace
 
 absl::StatusOr<std::unique_ptr<Op>> LowerRecurrent(
     const Layer& layer, int64_t input, const std::vector<bool>& needed,

@@ -312,6 +312,7 @@ class CudaWorkspace : public DeviceWorkspace {
   Context ctx;
   std::unique_ptr<ProgramState> state;
   std::vector<DValue> inputs;
+  std::vector<const DValue*> input_ptrs;
   std::vector<Value> outputs;
   // Recorded before the upload, after it, after the layers and after the
   // download.
@@ -361,7 +362,8 @@ class CudaProgram : public DeviceProgram {
     RETURN_IF_CUDA(cudaSetDevice(ctx.device));
     RETURN_IF_CUDA(cudaEventRecord(ws->events[0], ctx.stream));
     ws->inputs.resize(inputs.size());
-    std::vector<const DValue*> in;
+    std::vector<const DValue*>& in = ws->input_ptrs;
+    in.clear();
     for (size_t i = 0; i < inputs.size(); ++i) {
       const Value& v = *inputs[i];
       DValue& d = ws->inputs[i];

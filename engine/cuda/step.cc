@@ -30,10 +30,10 @@ struct DeviceStepper::Impl {
   Context ctx;
   std::vector<void*> allocations;
   // Built-in cells: the arrays and the two products of a step.
-  float* w_ih = nullptr;  // [G*H, in]
-  float* w_hh = nullptr;  // [G*H, H]
-  float* b_ih = nullptr;
-  float* b_hh = nullptr;
+  const float* w_ih = nullptr;  // [G*H, in]
+  const float* w_hh = nullptr;  // [G*H, H]
+  const float* b_ih = nullptr;
+  const float* b_hh = nullptr;
   float* gx = nullptr;  // [max_rows, G*H]
   float* gh = nullptr;  // [max_rows, G*H]
   // The reset-before GRU: r * h and the n product, [max_rows, H] each.
@@ -46,14 +46,16 @@ struct DeviceStepper::Impl {
   float* x = nullptr;        // [max_rows, in]
   int32_t* slots = nullptr;  // [max_rows]
   std::vector<float*> rows;  // per state [max_rows, width]
+  // The weights on the device.
+  Residents residents;
   // NetFold cells: the compiled cell, its values, and a staging area for
   // its new states (a cell may output one state input as another state).
-  Residents residents;
   std::shared_ptr<DropoutState> dropout;
   std::unique_ptr<SubProgram> program;
   std::unique_ptr<ProgramState> state;
   std::vector<DValue> args;  // element, then states: views of x and rows
-  float* staged = nullptr;   // [max_rows, sum of widths]
+  std::vector<const DValue*> arg_ptrs;  // to args
+  float* staged = nullptr;              // [max_rows, sum of widths]
   // Classes whose step could not be captured (an op that needs the host
   // mid-step); they run directly.
   std::set<int64_t> direct;
@@ -162,33 +164,17 @@ absl::StatusOr<std::unique_ptr<DeviceStepper>> DeviceStepper::Create(
     const int64_t in = w->shape[1];
     stepper->input_ = in;
     WeightSource source(std::move(file));
-    ASSIGN_OR_RETURN(auto w_ih,
-                     source.Take(layer.array_prefix() + "weight_ih", {g, in}));
-    ASSIGN_OR_RETURN(auto w_hh,
-                     source.Take(layer.array_prefix() + "weight_hh", {g, h}));
-    ASSIGN_OR_RETURN(auto b_ih,
-                     source.Take(layer.array_prefix() + "bias_ih", {g}));
-    ASSIGN_OR_RETURN(auto b_hh,
-                     source.Take(layer.array_prefix() + "bias_hh", {g}));
+    Lowering lw{&source, &d.residents, nullptr, nullptr, Precision::kFp32};
+    ASSIGN_OR_RETURN(LoadedRecurrent r, LoadRecurrent(layer, in, lw));
     if (d.reset_before) {
       // Both biases of every gate fold into the input product; the
-      // recurrent products then carry none.
-      for (int64_t i = 0; i < g; ++i) {
-        b_ih[i] += b_hh[i];
-        b_hh[i] = 0.0f;
-      }
+      // recurrent products carry none.
+      for (int64_t i = 0; i < g; ++i) r.bias_ih[i] += r.bias_hh[i];
     }
-    auto upload = [&](const engine::Buffer<float>& host,
-                      int64_t n) -> absl::StatusOr<float*> {
-      ASSIGN_OR_RETURN(float* p, d.Allocate<float>(n));
-      RETURN_IF_CUDA(cudaMemcpy(p, host.data(), n * sizeof(float),
-                                cudaMemcpyHostToDevice));
-      return p;
-    };
-    ASSIGN_OR_RETURN(d.w_ih, upload(w_ih, g * in));
-    ASSIGN_OR_RETURN(d.w_hh, upload(w_hh, g * h));
-    ASSIGN_OR_RETURN(d.b_ih, upload(b_ih, g));
-    ASSIGN_OR_RETURN(d.b_hh, upload(b_hh, g));
+    ASSIGN_OR_RETURN(d.w_ih, d.residents.Upload(r.weight_ih.data(), g * in));
+    ASSIGN_OR_RETURN(d.w_hh, d.residents.Upload(r.weight_hh.data(), g * h));
+    ASSIGN_OR_RETURN(d.b_ih, d.residents.Upload(r.bias_ih.data(), g));
+    ASSIGN_OR_RETURN(d.b_hh, d.residents.Upload(r.bias_hh.data(), g));
     ASSIGN_OR_RETURN(d.gx, d.Allocate<float>(options.max_rows * g));
     ASSIGN_OR_RETURN(d.gh, d.Allocate<float>(options.max_rows * g));
     if (d.reset_before) {
@@ -222,6 +208,7 @@ absl::StatusOr<std::unique_ptr<DeviceStepper>> DeviceStepper::Create(
       d.args[1 + j].type = PortType{false, false, stepper->widths_[j], -1};
       d.args[1 + j].view = d.rows[j];
     }
+    for (const DValue& v : d.args) d.arg_ptrs.push_back(&v);
     // One step of the largest class on the spare slot, so that every value
     // inside the cell reaches its largest size now and no later step (in
     // particular none being captured) allocates.
@@ -251,40 +238,16 @@ absl::Status DeviceStepper::Enqueue(int64_t c) {
 absl::Status DeviceStepper::EnqueueCell(int64_t c) {
   Impl& d = *impl_;
   const int64_t h = widths_[0], g = GateCount(d.cell) * h;
-  const float one = 1.0f;
-  // gx = x W_ih^T + b_ih and gh = h W_hh^T + b_hh, row-major, through
-  // column-major cuBLAS as in LinearProduct.
-  RETURN_IF_CUDA(BroadcastRows(d.b_ih, g, c, d.gx, d.ctx.stream));
-  RETURN_IF_CUBLAS(
-      cublasSgemm(d.ctx.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(g),
-                  static_cast<int>(c), static_cast<int>(input_), &one, d.w_ih,
-                  static_cast<int>(input_), d.x, static_cast<int>(input_), &one,
-                  d.gx, static_cast<int>(g)));
+  const DeviceMatrix w_ih{d.w_ih, Precision::kFp32};
+  const DeviceMatrix w_hh{d.w_hh, Precision::kFp32};
+  RETURN_IF_ERROR(
+      LinearProduct(d.ctx, w_ih, d.b_ih, g, input_, d.x, c, d.gx, nullptr));
   if (d.reset_before) {
-    // r|z products of h, then n's product of r * h, then the update.
-    const float zero = 0.0f;
-    RETURN_IF_CUBLAS(cublasSgemm(
-        d.ctx.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * h),
-        static_cast<int>(c), static_cast<int>(h), &one, d.w_hh,
-        static_cast<int>(h), d.rows[0], static_cast<int>(h), &zero, d.gh,
-        static_cast<int>(2 * h)));
-    RETURN_IF_CUDA(
-        GruResetState(d.gx, d.gh, d.rows[0], c, h, d.reset, d.ctx.stream));
-    RETURN_IF_CUBLAS(
-        cublasSgemm(d.ctx.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(h),
-                    static_cast<int>(c), static_cast<int>(h), &one,
-                    d.w_hh + 2 * h * h, static_cast<int>(h), d.reset,
-                    static_cast<int>(h), &zero, d.hn, static_cast<int>(h)));
-    RETURN_IF_CUDA(
-        GruUpdate(d.gx, d.gh, d.hn, d.rows[0], c, h, d.rows[0], d.ctx.stream));
-    return absl::OkStatus();
+    return GruResetBeforeStep(d.ctx, w_hh, d.gx, d.rows[0], c, h, d.gh, d.reset,
+                              d.hn, d.rows[0], nullptr);
   }
-  RETURN_IF_CUDA(BroadcastRows(d.b_hh, g, c, d.gh, d.ctx.stream));
-  RETURN_IF_CUBLAS(
-      cublasSgemm(d.ctx.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(g),
-                  static_cast<int>(c), static_cast<int>(h), &one, d.w_hh,
-                  static_cast<int>(h), d.rows[0], static_cast<int>(h), &one,
-                  d.gh, static_cast<int>(g)));
+  RETURN_IF_ERROR(
+      LinearProduct(d.ctx, w_hh, d.b_hh, g, h, d.rows[0], c, d.gh, nullptr));
   switch (d.cell) {
     case RnnCell::kLstm:
       RETURN_IF_CUDA(
@@ -304,12 +267,8 @@ absl::Status DeviceStepper::EnqueueCell(int64_t c) {
 
 absl::Status DeviceStepper::EnqueueFold(int64_t c) {
   Impl& d = *impl_;
-  std::vector<const DValue*> args;
-  for (DValue& v : d.args) {
-    v.rows = c;
-    args.push_back(&v);
-  }
-  RETURN_IF_ERROR(d.program->Run(args, d.state.get(), d.ctx));
+  for (DValue& v : d.args) v.rows = c;
+  RETURN_IF_ERROR(d.program->Run(d.arg_ptrs, d.state.get(), d.ctx));
   // Stage every new state before any replaces an input.
   float* at = d.staged;
   for (int j = 0; j < num_states(); ++j) {

@@ -1,6 +1,7 @@
 #include "engine/cuda/step_plan.h"
 
 #include <algorithm>
+#include <utility>
 
 #include "absl/strings/str_format.h"
 
@@ -29,18 +30,25 @@ absl::Status CheckSlots(absl::Span<const int32_t> slots, int64_t capacity,
         absl::StrFormat("a step of %d rows; this stepper takes at most %d",
                         slots.size(), max_rows));
   }
-  std::vector<int64_t> owner(capacity, -1);
+  // (slot, row) pairs sorted by slot: a slot given twice sits side by
+  // side, the earlier row first. Sized by the rows, not the capacity.
+  std::vector<std::pair<int32_t, int64_t>> by_slot;
+  by_slot.reserve(slots.size());
   for (size_t r = 0; r < slots.size(); ++r) {
     const int32_t s = slots[r];
     if (s < 0 || s >= capacity) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "row %d has state slot %d; slots are 0..%d", r, s, capacity - 1));
     }
-    if (owner[s] >= 0) {
+    by_slot.emplace_back(s, static_cast<int64_t>(r));
+  }
+  std::sort(by_slot.begin(), by_slot.end());
+  for (size_t i = 1; i < by_slot.size(); ++i) {
+    if (by_slot[i].first == by_slot[i - 1].first) {
       return absl::InvalidArgumentError(absl::StrFormat(
-          "rows %d and %d both have state slot %d", owner[s], r, s));
+          "rows %d and %d both have state slot %d", by_slot[i - 1].second,
+          by_slot[i].second, by_slot[i].first));
     }
-    owner[s] = static_cast<int64_t>(r);
   }
   return absl::OkStatus();
 }
