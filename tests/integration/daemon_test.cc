@@ -565,6 +565,9 @@ const std::vector<BrokenModel>& BrokenModels() {
       {"bad_device", "config.pbtxt", {"unknown device 'tpu:0'"}},
       {"bad_precision", "config.pbtxt", {"unknown precision 'fp8'"}},
       {"cpu_half", "config.pbtxt", {"precision fp16 needs a CUDA device"}},
+      {"negative_budget",
+       "config.pbtxt",
+       {"device_memory_budget_bytes must not be negative"}},
       {"truncated_weights", "weights.safetensors", {"truncated"}},
   };
   return *models;
@@ -610,13 +613,14 @@ void WriteBrokenModels(const fs::path& repository) {
   ASSERT_NO_FATAL_FAILURE(
       WriteTinyLikeModel(repository, "bad_syntax", syntax_error, TinyArrays()));
 
-  // Devices and precisions no build understands, and reduced precision on
-  // the CPU.
+  // Devices and precisions no build understands, reduced precision on the
+  // CPU, and a negative memory budget.
   for (const auto& [name, config] :
        std::vector<std::pair<std::string, std::string>>{
            {"bad_device", "device: \"tpu:0\"\n"},
            {"bad_precision", "precision: \"fp8\"\n"},
-           {"cpu_half", "device: \"cpu\"\nprecision: \"fp16\"\n"}}) {
+           {"cpu_half", "device: \"cpu\"\nprecision: \"fp16\"\n"},
+           {"negative_budget", "device_memory_budget_bytes: -1\n"}}) {
     ASSERT_NO_FATAL_FAILURE(
         WriteTinyLikeModel(repository, name, kTinyNet, TinyArrays()));
     ASSERT_NO_FATAL_FAILURE(
