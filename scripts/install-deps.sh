@@ -7,6 +7,9 @@ packages=(
   cmake ninja-build g++ pkg-config
   protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev
   libabsl-dev nlohmann-json3-dev libdnnl-dev libopenblas-dev
+  # Debian's oneDNN is built with its OpenCL runtime, and its CMake package
+  # looks for OpenCL's library and headers even on a CPU-only build.
+  ocl-icd-opencl-dev
   libgtest-dev libgmock-dev
   # The PyTorch reference for parity tests, the exporter and the example
   # training scripts.
