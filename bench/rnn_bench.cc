@@ -44,6 +44,7 @@
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "engine/net.h"
@@ -63,6 +64,12 @@ ABSL_FLAG(int, reps, 0,
           "Timed runs per measurement, the median is reported; 0 means 21, "
           "or 3 with --quick.");
 ABSL_FLAG(std::string, json, "", "Also write every result to this file.");
+ABSL_FLAG(std::vector<std::string>, cells, std::vector<std::string>({"lstm", "gru"}),
+          "The cells to time, of lstm and gru.");
+ABSL_FLAG(std::vector<std::string>, batches,
+          std::vector<std::string>({"1", "16", "64"}),
+          "The batches to time the engine and oneDNN on (the PyTorch side "
+          "runs 1, 16 and 64).");
 ABSL_FLAG(std::string, python, "/usr/bin/python3",
           "The Python interpreter for the PyTorch side.");
 ABSL_FLAG(std::string, torch_script, RNNSERVE_BENCH_TORCH_SCRIPT,
@@ -709,6 +716,32 @@ int Main(int argc, char** argv) {
   if (reps <= 0) reps = quick ? 3 : 21;
   const int warmup = quick ? 1 : 3;
 
+  // The subsets the flags ask for, in the report's order.
+  std::vector<const CellKind*> cells;
+  for (const CellKind* cell : {&kLstm, &kGru}) {
+    const std::vector<std::string> wanted = absl::GetFlag(FLAGS_cells);
+    if (std::find(wanted.begin(), wanted.end(), cell->name) != wanted.end()) {
+      cells.push_back(cell);
+    }
+  }
+  std::vector<int64_t> batches;
+  bool batches_ok = true;
+  for (const std::string& b : absl::GetFlag(FLAGS_batches)) {
+    int64_t batch = 0;
+    if (!absl::SimpleAtoi(b, &batch) || batch < 1 || batch > 4096) {
+      batches_ok = false;
+    } else {
+      batches.push_back(batch);
+    }
+  }
+  if (cells.size() != absl::GetFlag(FLAGS_cells).size() || !batches_ok ||
+      batches.empty()) {
+    std::fprintf(stderr,
+                 "--cells takes lstm and gru, --batches sizes from 1 to "
+                 "4096\n");
+    return 2;
+  }
+
   const dnnl_version_t* dnnl = dnnl_version();
   const char* coretype = std::getenv("OPENBLAS_CORETYPE");
   std::printf(
@@ -752,13 +785,14 @@ int Main(int argc, char** argv) {
   }
   const std::string dir = dir_template;
 
+
   std::mt19937 rng(1);
   std::map<int64_t, InputData> inputs;
-  for (int64_t batch : kBatches) inputs[batch] = RandomInput(batch, &rng);
+  for (int64_t batch : batches) inputs[batch] = RandomInput(batch, &rng);
 
   const dnnl::engine cpu(dnnl::engine::kind::cpu, 0);
   std::vector<ShapeResult> shapes;
-  for (const CellKind* cell : {&kLstm, &kGru}) {
+  for (const CellKind* cell : cells) {
     const CellWeights weights = RandomWeights(*cell, &rng);
     absl::StatusOr<std::unique_ptr<engine::Net>> net =
         BuildEngineNet(*cell, weights, dir);
@@ -767,7 +801,7 @@ int Main(int argc, char** argv) {
                    net.status().ToString().c_str());
       return 1;
     }
-    for (int64_t batch : kBatches) {
+    for (int64_t batch : batches) {
       std::fprintf(stderr, "%s batch %lld: engine, oneDNN...\n", cell->name,
                    static_cast<long long>(batch));
       EngineRunner engine_run(net->get(), inputs[batch], batch);
@@ -811,8 +845,9 @@ int Main(int argc, char** argv) {
   PrintGemmTable(gemms);
   PrintShapeTables(shapes);
   std::printf("\noneDNN implementations: ");
-  for (const ShapeResult& s : shapes) {
-    if (s.batch == kBatches[0]) {
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const ShapeResult& s = shapes[i];
+    if (i == 0 || shapes[i - 1].cell != s.cell) {
       std::printf("%s %s (weights %s)  ", s.cell.c_str(), s.onednn_impl.c_str(),
                   s.onednn_weights.c_str());
     }

@@ -116,6 +116,16 @@ void Tile(int64_t row0, int64_t row1, int64_t p, const float* a, int64_t lda,
   }
 }
 
+// Rows per block for an m-row product: the fewest blocks of at most
+// kBlockRows, all of one size (rounded up to whole kernel calls), so that
+// blocks handed to different threads carry equal work. (96-row blocks cut
+// 128 rows into 96 and 32, and the thread with 32 waited for the other.)
+int64_t BlockRows(int64_t m) {
+  const int64_t blocks = (m + kBlockRows - 1) / kBlockRows;
+  const int64_t per_block = (m + blocks - 1) / blocks;
+  return (per_block + kRows - 1) / kRows * kRows;
+}
+
 }  // namespace
 
 PackedWeights PackedWeights::Pack(const float* w, int64_t n, int64_t k) {
@@ -148,15 +158,16 @@ void Gemm(int64_t m, const float* a, int64_t lda, const PackedWeights& w,
   // spreads its panels over the threads and a large m gives each thread its
   // own row blocks. Each output element belongs to exactly one tile, so the
   // split never changes a result.
-  const int64_t blocks = (m + kBlockRows - 1) / kBlockRows;
+  const int64_t block_rows = BlockRows(m);
+  const int64_t blocks = (m + block_rows - 1) / block_rows;
   const int64_t panels = w.panels();
   const int64_t tiles = blocks * panels;
   const bool parallel = m * w.n() * w.k() >= kParallelWork;
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t block = t / panels;
-    const int64_t row0 = block * kBlockRows;
-    const int64_t row1 = std::min(m, row0 + kBlockRows);
+    const int64_t row0 = block * block_rows;
+    const int64_t row1 = std::min(m, row0 + block_rows);
     Tile(row0, row1, t % panels, a, lda, w, c, ldc, accumulate, bias);
   }
 }
@@ -195,13 +206,14 @@ void StepGemm(int64_t m, const float* x, int64_t ldx, const PackedWeights& wx,
   const int64_t units = wh.n() / count;
   // Gate q of unit group u is panel q * groups + u, in both matrices.
   const int64_t groups = units / kPanelWidth;
-  const int64_t blocks = (m + kBlockRows - 1) / kBlockRows;
+  const int64_t block_rows = BlockRows(m);
+  const int64_t blocks = (m + block_rows - 1) / block_rows;
   const int64_t tiles = blocks * groups;
   const int64_t work = m * wh.n() * ((x ? wx.k() : 0) + (h ? wh.k() : 0));
 #pragma omp parallel for schedule(static) if (work >= kParallelWork)
   for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t row0 = (t / groups) * kBlockRows;
-    const int64_t row1 = std::min(m, row0 + kBlockRows);
+    const int64_t row0 = (t / groups) * block_rows;
+    const int64_t row1 = std::min(m, row0 + block_rows);
     const int64_t u = t % groups;
     const int64_t col = u * kPanelWidth;
     for (int64_t q = 0; q < count; ++q) {

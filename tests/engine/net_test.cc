@@ -256,28 +256,41 @@ TEST(GatedRecurrentLayer, ResetBeforeFormMatchesItsEquations) {
   }
 }
 
-// A batch long enough that the input projection runs in several chunks of
-// steps (H=512: 1536 rows a chunk, here 4 chunks) must give, for every
-// instance, exactly what that instance gives alone (one chunk), whatever
-// the chunk boundaries.
+// A batch long enough that the input projection runs up front in several
+// chunks of steps (H=512: 1536 rows a chunk for the LSTM, 2048 for the GRU)
+// must give, for every instance, exactly what that instance gives alone (one
+// chunk), whatever the chunk boundaries. Batches below 8 and the
+// reset-before GRU project up front; a batch of 64 of the others projects
+// inside each step, and must give the same.
 TEST(RecurrentLayer, ChunkedProjectionGivesEachInstanceItsOwnResult) {
-  for (const auto& [type, gates] : std::vector<std::pair<std::string, int>>{
-           {"LongShortTermMemoryLayer", 4}, {"GatedRecurrentLayer", 3}}) {
-    SCOPED_TRACE(type);
+  struct Case {
+    std::string type;
+    std::string options;
+    int gates;
+    int batch;
+    int min_length, max_length;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"LongShortTermMemoryLayer", "", 4, 7, 300, 600},
+           {"GatedRecurrentLayer", "", 3, 7, 300, 600},
+           {"GatedRecurrentLayer", " reset_before: true", 3, 64, 40, 120},
+           {"LongShortTermMemoryLayer", "", 4, 64, 40, 120},
+           {"GatedRecurrentLayer", "", 3, 64, 40, 120}}) {
+    SCOPED_TRACE(c.type + c.options + " batch " + std::to_string(c.batch));
     std::mt19937 rng(9);
-    auto model =
-        LoadWith("chunked_" + type,
-                 "inputs { name: \"x\" kind: VECTOR_SEQUENCE width: 8 }\n"
-                 "layers { name: \"r\" type: \"" +
-                     type + "\" size: 512 }\n",
-                 testing_util::RandomRecurrentArrays("r", gates, 8, 512, &rng));
+    auto model = LoadWith(
+        "chunked_" + c.type,
+        "inputs { name: \"x\" kind: VECTOR_SEQUENCE width: 8 }\n"
+        "layers { name: \"r\" type: \"" +
+            c.type + "\" size: 512" + c.options + " }\n",
+        testing_util::RandomRecurrentArrays("r", c.gates, 8, 512, &rng));
     ASSERT_TRUE(model.ok()) << model.status();
     const Net& net = (*model)->net();
     NetInputs batch;
     batch.inputs.resize(1);
-    std::uniform_int_distribution<int> length(40, 120);
+    std::uniform_int_distribution<int> length(c.min_length, c.max_length);
     std::uniform_real_distribution<float> value(-1, 1);
-    for (int i = 0; i < 64; ++i) {
+    for (int i = 0; i < c.batch; ++i) {
       const int len = length(rng);
       batch.inputs[0].lengths.push_back(len);
       for (int k = 0; k < len * 8; ++k) {
@@ -287,7 +300,7 @@ TEST(RecurrentLayer, ChunkedProjectionGivesEachInstanceItsOwnResult) {
     Execution exec = net.NewExecution();
     NetOutputs whole;
     ASSERT_TRUE(net.Run(batch, &exec, &whole).ok());
-    for (int i : {0, 17, 40, 63}) {
+    for (int i : {0, 3, c.batch / 2, c.batch - 1}) {
       int64_t first = 0;
       for (int j = 0; j < i; ++j) first += batch.inputs[0].lengths[j];
       const int64_t len = batch.inputs[0].lengths[i];
