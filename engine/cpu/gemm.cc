@@ -116,14 +116,21 @@ void Tile(int64_t row0, int64_t row1, int64_t p, const float* a, int64_t lda,
   }
 }
 
-// Rows per block for an m-row product: the fewest blocks of at most
-// kBlockRows, all of one size (rounded up to whole kernel calls), so that
-// blocks handed to different threads carry equal work. (96-row blocks cut
-// 128 rows into 96 and 32, and the thread with 32 waited for the other.)
+// Rows per block for an m-row product. Blocks handed to different threads
+// should carry equal work: 96-row blocks cut 128 rows into 96 and 32, and
+// the thread with 32 waited for the other. So the rows are split into the
+// fewest blocks of at most kBlockRows, or one more if that leaves less of
+// the last block empty (256 rows: 4 x 64 rather than 88 + 88 + 80), each a
+// whole number of kernel calls.
 int64_t BlockRows(int64_t m) {
-  const int64_t blocks = (m + kBlockRows - 1) / kBlockRows;
-  const int64_t per_block = (m + blocks - 1) / blocks;
-  return (per_block + kRows - 1) / kRows * kRows;
+  auto rows_for = [m](int64_t blocks) {
+    const int64_t rows = (m + blocks - 1) / blocks;
+    return (rows + kRows - 1) / kRows * kRows;
+  };
+  auto empty = [m](int64_t rows) { return (m + rows - 1) / rows * rows - m; };
+  const int64_t fewest = (m + kBlockRows - 1) / kBlockRows;
+  const int64_t a = rows_for(fewest), b = rows_for(fewest + 1);
+  return empty(b) < empty(a) ? b : a;
 }
 
 }  // namespace

@@ -21,7 +21,7 @@ std::vector<float> Random(int64_t n, std::mt19937* rng) {
 
 TEST(Gemm, MatchesADoublePrecisionProductAtEveryRemainder) {
   std::mt19937 rng(3);
-  for (int64_t m : {1, 2, 7, 8, 9, 17, 100}) {
+  for (int64_t m : {1, 2, 7, 8, 9, 17, 100, 193, 256}) {
     for (int64_t n : {1, 16, 31, 32, 33, 100}) {
       for (int64_t k : {1, 7, 64}) {
         const std::vector<float> a = Random(m * k, &rng);
@@ -94,7 +94,7 @@ TEST(Gemm, EachRowIsBitIdenticalWhateverTheBatchAndThreads) {
 TEST(GatedGemm, EpilogueSeesEveryFinishedUnitOnceAndResultsEqualGemm) {
   std::mt19937 rng(6);
   for (int64_t units : {64L, 96L, 7L, 40L}) {
-    for (int64_t m : {1L, 13L, 200L}) {
+    for (int64_t m : {1L, 13L, 97L, 200L, 256L}) {
       const int64_t gates = 4, n = gates * units, k = 48;
       const std::vector<float> a = Random(m * k, &rng);
       const std::vector<float> w = Random(n * k, &rng);
@@ -131,7 +131,7 @@ TEST(GatedGemm, EpilogueSeesEveryFinishedUnitOnceAndResultsEqualGemm) {
 TEST(StepGemm, EqualsProjectionThenRecurrentProductBitForBit) {
   std::mt19937 rng(8);
   const int64_t gates = 4, units = 64, n = gates * units, in = 40, h = 64;
-  for (int64_t m : {1L, 9L, 100L}) {
+  for (int64_t m : {1L, 9L, 100L, 256L}) {
     const std::vector<float> x = Random(m * in, &rng);
     const std::vector<float> state = Random(m * h, &rng);
     const std::vector<float> wx = Random(n * in, &rng);
