@@ -64,7 +64,8 @@ ABSL_FLAG(int, reps, 0,
           "Timed runs per measurement, the median is reported; 0 means 21, "
           "or 3 with --quick.");
 ABSL_FLAG(std::string, json, "", "Also write every result to this file.");
-ABSL_FLAG(std::vector<std::string>, cells, std::vector<std::string>({"lstm", "gru"}),
+ABSL_FLAG(std::vector<std::string>, cells,
+          std::vector<std::string>({"lstm", "gru"}),
           "The cells to time, of lstm and gru.");
 ABSL_FLAG(std::vector<std::string>, batches,
           std::vector<std::string>({"1", "16", "64"}),
@@ -784,7 +785,6 @@ int Main(int argc, char** argv) {
     return 1;
   }
   const std::string dir = dir_template;
-
 
   std::mt19937 rng(1);
   std::map<int64_t, InputData> inputs;

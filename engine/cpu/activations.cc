@@ -4,7 +4,13 @@
 #include <cmath>
 
 #if defined(__AVX512F__)
+// GCC 12's AVX-512 intrinsics pass _mm512_undefined_ps() as the source of
+// an all-ones mask, and once inlined here it warns that they may read an
+// uninitialized value; no lane of that source is ever used.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 #endif
 
 namespace rnnserve::engine::cpu {
@@ -56,8 +62,8 @@ inline __m512 Tanh16(__m512 x) {
       _mm512_cmp_ps_mask(ax, _mm512_set1_ps(2.44140625e-4f), _CMP_LT_OQ), t,
       ax);
   // copysign: t is never negative, so or-ing in x's sign bit is enough.
-  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x),
-                                        _mm512_set1_epi32(INT32_MIN));
+  const __m512i sign =
+      _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN));
   return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign));
 }
 
@@ -79,8 +85,7 @@ void Tanh(const float* x, float* y, int64_t n) {
 
 void Sigmoid(const float* x, float* y, int64_t n) {
   ForLanes(n, [&](int64_t j, __mmask16 m) {
-    _mm512_mask_storeu_ps(y + j, m,
-                          Sigmoid16(_mm512_maskz_loadu_ps(m, x + j)));
+    _mm512_mask_storeu_ps(y + j, m, Sigmoid16(_mm512_maskz_loadu_ps(m, x + j)));
   });
 }
 
@@ -154,8 +159,7 @@ void GruCell(const float* __restrict rz_r, const float* __restrict rz_z,
     const __m512 p = prev != nullptr ? _mm512_maskz_loadu_ps(m, prev + j)
                                      : _mm512_setzero_ps();
     // h = c + z (prev - c)
-    _mm512_mask_storeu_ps(h + j, m,
-                          _mm512_fmadd_ps(z, _mm512_sub_ps(p, c), c));
+    _mm512_mask_storeu_ps(h + j, m, _mm512_fmadd_ps(z, _mm512_sub_ps(p, c), c));
   });
 }
 
