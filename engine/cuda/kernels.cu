@@ -137,6 +137,18 @@ __global__ void CombineKernel(Combine op, const float* a, const float* b,
   }
 }
 
+__global__ void CombineRowsKernel(Combine op, const float* x,
+                                  const float* __restrict__ v, int64_t width,
+                                  int64_t rows, float* y) {
+  const int64_t n = rows * width;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const float u = x[i], w = v[i % width];
+    y[i] = op == Combine::kAdd ? u + w
+                               : (op == Combine::kMultiply ? u * w : u - w);
+  }
+}
+
 __global__ void ScaleKernel(float s, float* y, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
@@ -386,6 +398,13 @@ cudaError_t Softmax(const float* x, float* y, int64_t rows, int64_t width,
 cudaError_t CombineElements(Combine op, const float* a, const float* b,
                             float* y, int64_t n, cudaStream_t stream) {
   return LaunchOver(n, stream, CombineKernel, op, a, b, y, n);
+}
+
+cudaError_t CombineRows(Combine op, const float* x, const float* v,
+                        int64_t width, int64_t rows, float* y,
+                        cudaStream_t stream) {
+  return LaunchOver(rows * width, stream, CombineRowsKernel, op, x, v, width,
+                    rows, y);
 }
 
 cudaError_t Scale(float s, float* y, int64_t n, cudaStream_t stream) {

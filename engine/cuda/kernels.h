@@ -49,6 +49,11 @@ enum class Combine { kAdd, kMultiply, kSubtract };
 // y = a op b, element by element; y may be a.
 cudaError_t CombineElements(Combine op, const float* a, const float* b,
                             float* y, int64_t n, cudaStream_t stream);
+// y[r, j] = x[r, j] op v[j] for `rows` rows of `width`: one vector applied
+// to every row (ConstantTimesLayer, ConstantPlusLayer); y may be x.
+cudaError_t CombineRows(Combine op, const float* x, const float* v,
+                        int64_t width, int64_t rows, float* y,
+                        cudaStream_t stream);
 // y *= s.
 cudaError_t Scale(float s, float* y, int64_t n, cudaStream_t stream);
 

@@ -199,6 +199,27 @@ class CombineOp : public Op {
   std::optional<Combine> op_;
 };
 
+// ConstantTimes and ConstantPlus: one resident vector applied to every row.
+class ConstantOp : public Op {
+ public:
+  ConstantOp(const Layer& layer, Combine op, const float* vector)
+      : type_(layer.output_type(0)), op_(op), vector_(vector) {}
+  absl::Status Run(const std::vector<const DValue*>& in,
+                   const std::vector<DValue*>& out, OpState*,
+                   const Context& ctx) const override {
+    const DValue& x = *in[0];
+    RETURN_IF_ERROR(out[0]->Reshape(type_, x.rows, x.layout));
+    RETURN_IF_CUDA(CombineRows(op_, x.data(), vector_, type_.width, x.rows,
+                               out[0]->data(), ctx.stream));
+    return absl::OkStatus();
+  }
+
+ private:
+  PortType type_;
+  Combine op_;
+  const float* vector_;
+};
+
 // ---------------------------------------------------------------------------
 // Sequence ops: the host computes a row index from the layout, the device
 // gathers.
@@ -332,6 +353,14 @@ absl::StatusOr<std::unique_ptr<Op>> LowerBasic(
   }
   if (type == "SubtractLayer") {
     return std::unique_ptr<Op>(new CombineOp(layer, Combine::kSubtract));
+  }
+  if (type == "ConstantTimesLayer" || type == "ConstantPlusLayer") {
+    const bool times = type == "ConstantTimesLayer";
+    ASSIGN_OR_RETURN(auto v,
+                     Array(layer, lw, times ? "scaling" : "bias", {input}));
+    ASSIGN_OR_RETURN(const float* dv, lw.residents->Upload(v.data(), input));
+    return std::unique_ptr<Op>(
+        new ConstantOp(layer, times ? Combine::kMultiply : Combine::kAdd, dv));
   }
   if (type == "SequenceLastLayer") {
     return std::unique_ptr<Op>(new SequenceLastOp(layer));

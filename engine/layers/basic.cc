@@ -272,6 +272,55 @@ class CombineLayer : public Layer {
   Op op_ = Op::kTotal;
 };
 
+// ConstantTimesLayer scales each element by a learned per-column factor,
+// ConstantPlusLayer adds a learned per-column offset: the diagonal and
+// shift terms of cells such as IndRNN (u * h) or peephole LSTMs (p * c),
+// without a full matrix product.
+class ConstantLayer : public Layer {
+ public:
+  enum class Op { kTimes, kPlus };
+
+  static LayerFactory Factory(Op op) {
+    return [op](LayerContext& ctx) -> absl::StatusOr<std::unique_ptr<Layer>> {
+      RETURN_IF_ERROR(NeedFloat(ctx));
+      const int64_t width = ctx.input().width;
+      auto layer = std::unique_ptr<ConstantLayer>(new ConstantLayer(ctx.spec));
+      layer->op_ = op;
+      layer->AddOutput("output", ctx.input());
+      ASSIGN_OR_RETURN(
+          layer->array_,
+          ctx.weights->Take(
+              ctx.ArrayName(op == Op::kTimes ? "scaling" : "bias"), {width}));
+      layer->parameter_count_ = width;
+      return layer;
+    };
+  }
+
+  absl::Status Run(absl::Span<const Value* const> in,
+                   absl::Span<Value* const> out, LayerScratch*) const override {
+    const Value& x = *in[0];
+    Value& y = *out[0];
+    y.Reshape(output_type(0), x.rows, x.layout);
+    const int64_t w = x.type.width;
+    const float* a = array_.data();
+    for (int64_t r = 0; r < x.rows; ++r) {
+      const float* src = x.row(r);
+      float* dst = y.row(r);
+      if (op_ == Op::kTimes) {
+        for (int64_t j = 0; j < w; ++j) dst[j] = src[j] * a[j];
+      } else {
+        for (int64_t j = 0; j < w; ++j) dst[j] = src[j] + a[j];
+      }
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  using Layer::Layer;
+  Op op_ = Op::kTimes;
+  Buffer<float> array_;
+};
+
 // DropoutLayer (identity at inference, kept so that trained nets load
 // unchanged) and ReshapeLayer (rows are flat here, so a reshape to [a, b]
 // only checks that rows hold a * b elements) both copy their input.
@@ -319,6 +368,7 @@ class CopyLayer : public Layer {
 
 void RegisterBasicLayers(std::map<std::string, LayerType>* types) {
   using Op = CombineLayer::Op;
+  using Constant = ConstantLayer::Op;
   (*types)["EmbeddingLayer"] = {
       {"input"}, 1, false, EmbeddingLayer::Create, {}};
   (*types)["LinearLayer"] = {{"input"}, 1, false, LinearLayer::Create, {}};
@@ -331,6 +381,10 @@ void RegisterBasicLayers(std::map<std::string, LayerType>* types) {
   (*types)["TimesLayer"] = {{}, 1, true, CombineLayer::Factory(Op::kTimes), {}};
   (*types)["SubtractLayer"] = {
       {}, 2, true, CombineLayer::Factory(Op::kSubtract), {}};
+  (*types)["ConstantTimesLayer"] = {
+      {"input"}, 1, false, ConstantLayer::Factory(Constant::kTimes), {}};
+  (*types)["ConstantPlusLayer"] = {
+      {"input"}, 1, false, ConstantLayer::Factory(Constant::kPlus), {}};
   (*types)["DropoutLayer"] = {
       {"input"}, 1, false, CopyLayer::CreateDropout, {}};
   (*types)["ReshapeLayer"] = {

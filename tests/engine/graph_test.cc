@@ -181,6 +181,37 @@ TEST(SequenceLayers, MostRestAndReverseMoveTheRightElements) {
               ElementsAre(2, 1, 40, 30, 20, 10, 9, 8, 7));
 }
 
+TEST(ConstantLayers, ArrayMustHaveTheInputWidth) {
+  std::mt19937 rng(1);
+  const std::string net = R"pb(
+    inputs { name: "x" kind: VECTOR_SEQUENCE width: 3 }
+    layers { name: "scale" type: "ConstantTimesLayer" }
+    layers { name: "shift" type: "ConstantPlusLayer" }
+  )pb";
+  auto model = LoadWith("constant_shape", net,
+                        {RandomArray("scale.scaling", {3}, &rng),
+                         RandomArray("shift.bias", {4}, &rng)});
+  ASSERT_FALSE(model.ok());
+  EXPECT_EQ(model.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(model.status().message(),
+              HasSubstr("array 'shift.bias' has shape [4]; the net needs [3]"));
+}
+
+TEST(ConstantLayers, TokenIdsAskForAnEmbedding) {
+  std::mt19937 rng(1);
+  const std::string net = R"pb(
+    inputs { name: "ids" kind: TOKEN_SEQUENCE vocab_size: 5 }
+    layers { name: "scale" type: "ConstantTimesLayer" }
+  )pb";
+  auto model = LoadWith("constant_tokens", net,
+                        {RandomArray("scale.scaling", {5}, &rng)});
+  ASSERT_FALSE(model.ok());
+  EXPECT_EQ(model.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(model.status().message(),
+              HasSubstr("layer 'scale' (ConstantTimesLayer) needs float input "
+                        "but receives token ids"));
+}
+
 TEST(Operators, SteadyStateRunsAllocateNothing) {
   std::mt19937 rng(2);
   const std::string net = R"pb(

@@ -244,13 +244,6 @@ class _Arrays(dict):
                                 else np.zeros(out, np.float32))
         return _f64(self[name + ".weight"]), _f64(self[name + ".bias"])
 
-    def diagonal(self, name, size):
-        """A LinearLayer whose weight is diagonal and bias zero."""
-        d = _uniform(self.rng, (size,), 1.0)
-        self[name + ".weight"] = np.diag(d).astype(np.float32)
-        self[name + ".bias"] = np.zeros(size, np.float32)
-        return _f64(d)
-
     def recurrent(self, name, gates, hidden, inp):
         scale = 1.0 / np.sqrt(hidden)
         w = {}
@@ -564,20 +557,21 @@ def _case_foldlist_mgu(rng):
 
 
 def _peephole_cell(arrays, prefix):
-    """An LSTM with diagonal peepholes (two states, h and c) as a NetFold
-    cell, and its reference step:
+    """An LSTM with diagonal peepholes (two states, h and c; each peephole a
+    ConstantTimesLayer) as a NetFold cell, and its reference step:
     i = sigmoid(W_i [x, h] + b_i + p_i c), f = sigmoid(W_f [x, h] + b_f + p_f c),
     g = tanh(W_g [x, h] + b_g), c' = f c + i g,
     o = sigmoid(W_o [x, h] + b_o + p_o c'), h' = o tanh(c')."""
     w = {}
     for gate in "ifgo":
         w[gate] = arrays.linear(prefix + gate + "_linear", HIDDEN, IN + HIDDEN)
-    p = {gate: arrays.diagonal(prefix + gate + "_peep", HIDDEN) for gate in "ifo"}
+    p = {gate: arrays.array(prefix + gate + "_peep.scaling", (HIDDEN,), 1.0)
+         for gate in "ifo"}
     layers = [_layer("xh", "CatenateLayer", ["x", "h"])]
     for gate, state in (("i", "c"), ("f", "c")):
         layers += [
             _layer(gate + "_linear", "LinearLayer", ["xh"], size=HIDDEN),
-            _layer(gate + "_peep", "LinearLayer", [state], size=HIDDEN),
+            _layer(gate + "_peep", "ConstantTimesLayer", [state]),
             _layer(gate + "_sum", "TotalLayer", [gate + "_linear", gate + "_peep"]),
             _layer(gate, "ElementwiseLayer", function="sigmoid"),
         ]
@@ -588,7 +582,7 @@ def _peephole_cell(arrays, prefix):
         _layer("ig", "TimesLayer", ["i", "g"]),
         _layer("c_next", "TotalLayer", ["fc", "ig"]),
         _layer("o_linear", "LinearLayer", ["xh"], size=HIDDEN),
-        _layer("o_peep", "LinearLayer", ["c_next"], size=HIDDEN),
+        _layer("o_peep", "ConstantTimesLayer", ["c_next"]),
         _layer("o_sum", "TotalLayer", ["o_linear", "o_peep"]),
         _layer("o", "ElementwiseLayer", function="sigmoid"),
         _layer("c_tanh", "ElementwiseLayer", ["c_next"], function="tanh"),
@@ -657,6 +651,67 @@ def _case_fold_peephole_lstm(rng):
         [_vector_input(seqs), ("h0", "vector", h0), ("c0", "vector", c0)],
         [("states", states), ("cells", cells), ("final_h", torch.stack(final_h)),
          ("final_c", torch.stack(final_c))])
+
+
+def _case_foldlist_indrnn(rng):
+    # An independently recurrent network (IndRNN) as a NetFoldList cell:
+    # h' = relu(W x + b + u * h), the recurrent weight u a vector applied by
+    # a ConstantTimesLayer; initial states from a VECTOR input, and a
+    # ConstantPlusLayer on the state sequence after it.
+    arrays = _Arrays(rng)
+    w, b = arrays.linear("indrnn.x_linear", HIDDEN, IN)
+    u = arrays.array("indrnn.recurrence.scaling", (HIDDEN,), 1.0)
+    shift = arrays.array("shift.bias", (HIDDEN,), 1.0)
+    cell = {"inputs": [_vec_input("x", IN), _vec_input("h", HIDDEN)],
+            "layers": [
+                _layer("x_linear", "LinearLayer", ["x"], size=HIDDEN),
+                _layer("recurrence", "ConstantTimesLayer", ["h"]),
+                _layer("sum", "TotalLayer", ["x_linear", "recurrence"]),
+                _layer("h_next", "ElementwiseLayer", function="relu"),
+            ],
+            "outputs": [{"name": "h", "source": "h_next"}]}
+    lengths = _graph_lengths(rng)
+    seqs = _seqs(rng, lengths, IN)
+    h0 = rng.uniform(0, 1, (BATCH, HIDDEN)).astype(np.float32)
+    spec = {"name": "foldlist_indrnn",
+            "inputs": [_seq_input("input", IN), _vec_input("h0", HIDDEN)],
+            "layers": [_layer("indrnn", "NetFoldListOperator",
+                              ["input", "h=h0"], net=cell),
+                       _layer("shift", "ConstantPlusLayer")],
+            "outputs": [{"name": "states", "source": "indrnn"},
+                        {"name": "shifted", "source": "shift"}]}
+    states = []
+    for i, x in enumerate(seqs):
+        h = _f64(h0[i])
+        hs = []
+        for xt in _f64(x):
+            h = torch.relu(w @ xt + b + u * h)
+            hs.append(h)
+        states.append(torch.stack(hs))
+    return _graph_case(
+        spec, arrays, [_vector_input(seqs), ("h0", "vector", h0)],
+        [("states", states), ("shifted", [s + shift for s in states])])
+
+
+def _case_constant(rng):
+    # ConstantTimesLayer and ConstantPlusLayer on a sequence and on a vector.
+    arrays = _Arrays(rng)
+    scale = arrays.array("scale.scaling", (IN,), 2.0)
+    shift = arrays.array("shift.bias", (IN,), 2.0)
+    vshift = arrays.array("vshift.bias", (IN,), 2.0)
+    seqs = _seqs(rng, _graph_lengths(rng), IN)
+    spec = {"name": "constant", "inputs": [_seq_input("input", IN)],
+            "layers": [_layer("scale", "ConstantTimesLayer"),
+                       _layer("shift", "ConstantPlusLayer"),
+                       _layer("last", "SequenceLastLayer", ["scale"]),
+                       _layer("vshift", "ConstantPlusLayer")],
+            "outputs": [{"name": "output", "source": "shift"},
+                        {"name": "last", "source": "vshift"}]}
+    scaled = [_f64(x) * scale for x in seqs]
+    return _graph_case(
+        spec, arrays, [_vector_input(seqs)],
+        [("output", [y + shift for y in scaled]),
+         ("last", torch.stack([y[-1] + vshift for y in scaled]))])
 
 
 def _nest_case(rng, name, list_op):
@@ -1096,12 +1151,12 @@ def _graph_cases():
         "lstm_stack_2", "gru_stack_3", "bilstm_2layer", "bigru",
         "bidirectional_total", "bidirectional_mean", "bidirectional_mixed",
         "bidirectional_nested", "bidirectional_last", "map",
-        "fold_mgu", "foldlist_mgu", "fold_peephole_lstm",
+        "fold_mgu", "foldlist_mgu", "fold_peephole_lstm", "foldlist_indrnn",
         "nest", "nest_list", "nest_sequence",
         "seq_most", "seq_rest", "seq_reverse",
         "attention_dot", "attention_general", "attention_additive",
         "lstm_states", "rnn_init_state", "gru_init_state", "gru_reset_before",
-        "glue", "elementwise_identity", "elementwise_negate",
+        "glue", "constant", "elementwise_identity", "elementwise_negate",
         "elementwise_one_minus", "elementwise_exp", "elementwise_square",
         "graph_glue", "graph_arith",
     ]
