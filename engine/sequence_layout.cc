@@ -17,12 +17,13 @@ absl::Status SequenceLayout::Plan(absl::Span<const int64_t> lengths) {
     }
   }
 
-  // A stable sort keeps equal-length sequences in caller order, so the
-  // layout of a batch is a pure function of its lengths.
+  // Equal-length sequences stay in caller order, so the layout of a batch
+  // is a pure function of its lengths. The index breaks ties rather than a
+  // stable sort, which would allocate a temporary buffer on every run.
   order_.resize(n);
   std::iota(order_.begin(), order_.end(), 0);
-  std::stable_sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) {
-    return lengths[a] > lengths[b];
+  std::sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) {
+    return lengths[a] != lengths[b] ? lengths[a] > lengths[b] : a < b;
   });
   position_.resize(n);
   sorted_lengths_.resize(n);

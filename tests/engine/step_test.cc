@@ -7,8 +7,10 @@
 #include <string>
 #include <vector>
 
+#include "engine/buffer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/testing/heap_counter.h"
 #include "tests/testing/model_files.h"
 
 namespace rnnserve::engine {
@@ -159,6 +161,39 @@ TEST_P(StepRunnerTest, StepsReproduceTheWholeSequenceRunExactly) {
       }
     }
   }
+}
+
+// A decoding loop steps every iteration: once the runner has stepped the
+// largest row count, steps of that many rows or fewer allocate nothing.
+TEST_P(StepRunnerTest, WarmStepsAllocateNothing) {
+  const StepCase& c = GetParam();
+  auto model = LoadModelWith("step_alloc_" + c.name, c.net, c.arrays);
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto runner = StepRunner::Create((*model)->net(), c.layer);
+  ASSERT_TRUE(runner.ok()) << runner.status();
+
+  std::mt19937 rng(5);
+  const int64_t most = 12;
+  const std::vector<float> x = RandomArray("x", {most, kIn}, &rng, 1.0f).values;
+  std::vector<std::vector<float>> states;
+  std::vector<float*> pointers;
+  for (int64_t w : (*runner)->state_widths()) {
+    states.emplace_back(most * w, 0.0f);
+    pointers.push_back(states.back().data());
+  }
+  ASSERT_TRUE((*runner)->Step(x.data(), most, pointers).ok());
+
+  const int64_t heap = testing_util::HeapAllocationCount();
+  const int64_t buffers = BufferAllocationCount();
+  bool ok = true;
+  for (int64_t rows : {most, int64_t{5}, int64_t{1}, most, int64_t{8}}) {
+    ok = ok && (*runner)->Step(x.data(), rows, pointers).ok();
+  }
+  const int64_t heap_blocks = testing_util::HeapAllocationCount() - heap;
+  const int64_t buffer_blocks = BufferAllocationCount() - buffers;
+  ASSERT_TRUE(ok);
+  EXPECT_EQ(heap_blocks, 0) << "operator new calls in warm steps";
+  EXPECT_EQ(buffer_blocks, 0) << "workspace allocations in warm steps";
 }
 
 INSTANTIATE_TEST_SUITE_P(Recurrences, StepRunnerTest,
