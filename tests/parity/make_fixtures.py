@@ -927,6 +927,56 @@ def _case_gru_init_state(rng):
     return _init_state_case(rng, "gru_init_state", "gru")
 
 
+def _case_states_h64_b12(rng):
+    # Initial and final states where the recurrent step takes its fused
+    # forms (a state of 64 units, a whole panel; a batch of 12, projected
+    # inside each step): tanh and relu RNNs, both GRU forms and the LSTM,
+    # side by side on one input, each with its own initial state.
+    hidden, batch = 64, 12
+    lengths = [1, 14, 14] + [int(v) for v in rng.randint(1, 15, batch - 3)]
+    rng.shuffle(lengths)
+    seqs = _seqs(rng, lengths, IN)
+    arrays = _Arrays(rng)
+    kinds = [("rnn_tanh", "rnn", "BasicRecurrentLayer", 1, {}),
+             ("rnn_relu", "rnn", "BasicRecurrentLayer", 1, {"function": "relu"}),
+             ("gru", "gru", "GatedRecurrentLayer", 3, {}),
+             ("gru_rb", "gru", "GatedRecurrentLayer", 3, {"reset_before": True}),
+             ("lstm", "lstm", "LongShortTermMemoryLayer", 4, {})]
+    inputs = [_vector_input(seqs)]
+    spec_inputs = [_seq_input("input", IN)]
+    layers, outputs, expected = [], [], []
+    for name, kind, ltype, gates, fields in kinds:
+        w = arrays.recurrent(name, gates, hidden, IN)
+        h0 = (0.5 * rng.standard_normal((batch, hidden))).astype(np.float32)
+        wiring = ["input", "state=h0_" + name]
+        spec_inputs.append(_vec_input("h0_" + name, hidden))
+        inputs.append(("h0_" + name, "vector", h0))
+        c0 = None
+        if kind == "lstm":
+            c0 = rng.standard_normal((batch, hidden)).astype(np.float32)
+            wiring.append("cell=c0_" + name)
+            spec_inputs.append(_vec_input("c0_" + name, hidden))
+            inputs.append(("c0_" + name, "vector", c0))
+        layers.append(_layer(name, ltype, wiring, size=hidden, **fields))
+        runs = [_recurrent_ref(kind, _f64(x), w, h0[b],
+                               None if c0 is None else c0[b],
+                               function=fields.get("function", "tanh"),
+                               reset_before=fields.get("reset_before", False))
+                for b, x in enumerate(seqs)]
+        outputs += [{"name": name, "source": name},
+                    {"name": name + "_state", "source": name + ".state"}]
+        expected += [(name, [hs for hs, _ in runs]),
+                     (name + "_state", torch.stack([hs[-1] for hs, _ in runs]))]
+        if kind == "lstm":
+            outputs += [{"name": name + "_cell", "source": name + ".cell"},
+                        {"name": name + "_cells", "source": name + ".cells"}]
+            expected += [(name + "_cell", torch.stack([cs[-1] for _, cs in runs])),
+                         (name + "_cells", [cs for _, cs in runs])]
+    spec = {"name": "states_h64_b12", "inputs": spec_inputs, "layers": layers,
+            "outputs": outputs}
+    return _graph_case(spec, arrays, inputs, expected)
+
+
 def _case_gru_reset_before(rng):
     arrays = _Arrays(rng)
     w = arrays.recurrent("gru", 3, HIDDEN, IN)
@@ -1156,6 +1206,7 @@ def _graph_cases():
         "seq_most", "seq_rest", "seq_reverse",
         "attention_dot", "attention_general", "attention_additive",
         "lstm_states", "rnn_init_state", "gru_init_state", "gru_reset_before",
+        "states_h64_b12",
         "glue", "constant", "elementwise_identity", "elementwise_negate",
         "elementwise_one_minus", "elementwise_exp", "elementwise_square",
         "graph_glue", "graph_arith",
