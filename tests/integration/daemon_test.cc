@@ -399,6 +399,17 @@ outputs {
 outputs { name: "final" source: "gru.state" }
 )";
 
+// Token ids without an encoder, through a layer that refuses, while the
+// net runs, a sequence too short for it: each element after the first,
+// the last of those.
+constexpr char kTokensNet[] = R"(name: "tokens_rest"
+inputs { name: "ids" kind: TOKEN_SEQUENCE vocab_size: 4 }
+layers { name: "embedding" type: "EmbeddingLayer" size: 2 }
+layers { name: "rest" type: "SequenceRestLayer" }
+layers { name: "last" type: "SequenceLastLayer" }
+outputs { name: "embedded" }
+)";
+
 constexpr char kTinyConfig[] = R"(description: "a GRU over 3-vectors"
 max_sequence_length: 8
 max_batch_size: 4
@@ -769,6 +780,9 @@ class DaemonTest : public ::testing::Test {
         WriteTinyLikeModel(repository, "tiny", kTinyNet, TinyArrays()));
     ASSERT_NO_FATAL_FAILURE(WriteTinyLikeModel(repository, "tiny_state",
                                                kTinyStateNet, TinyArrays()));
+    ASSERT_NO_FATAL_FAILURE(WriteTinyLikeModel(
+        repository, "tokens_rest", kTokensNet,
+        {F32Array("embedding.weight", {4, 2}, {0, 1, 2, 3, 4, 5, 6, 7})}));
     ASSERT_NO_FATAL_FAILURE(WriteBrokenModels(repository));
     ASSERT_NO_FATAL_FAILURE(WriteGpuModel(repository));
     // A missing example is reported by the tests that need it, so that the
@@ -926,7 +940,7 @@ TEST_F(DaemonTest, ListModelsShowsEveryModelWithItsStateAndReason) {
   ASSERT_TRUE(list.ok()) << list.status();
 
   std::vector<std::string> expected = {"tiny", "tiny_state", "tiny_gpu",
-                                       "tagger"};
+                                       "tagger", "tokens_rest"};
   if (fs::exists(fs::path(kExampleDir))) expected.push_back("brackets");
   for (const BrokenModel& broken : BrokenModels()) {
     expected.push_back(broken.name);
@@ -981,6 +995,11 @@ TEST_F(DaemonTest, ListModelsShowsEveryModelWithItsStateAndReason) {
       EXPECT_FALSE(model.inputs(1).sequence());
       ASSERT_EQ(model.outputs_size(), 2);
       EXPECT_EQ(model.outputs(1).name(), "final");
+    } else if (model.name() == "tokens_rest") {
+      EXPECT_EQ(model.state(), v1::ModelInfo::READY) << model.reason();
+      ASSERT_EQ(model.inputs_size(), 1);
+      EXPECT_EQ(model.inputs(0).kind(), v1::TOKEN_SEQUENCE);
+      EXPECT_THAT(model.inputs(0).encoder(), IsEmpty());
     } else if (model.name() == "tiny_gpu") {
       EXPECT_EQ(model.device(), "cuda:0");
       EXPECT_EQ(model.precision(), "fp32");
@@ -1296,6 +1315,37 @@ TEST_F(DaemonTest, TextOrTokensForAVectorInputAreInvalid) {
                 absl::StatusCode::kInvalidArgument, {kTinyInput, "text"});
   ExpectRefused(TokenRequest("tiny", {{1, 2}}),
                 absl::StatusCode::kInvalidArgument, {kTinyInput, "token"});
+}
+
+TEST_F(DaemonTest, TextOrVectorsForATokenInputAreInvalid) {
+  ExpectRefused(TextRequest("tokens_rest", {"ab"}),
+                absl::StatusCode::kInvalidArgument,
+                {"input 'ids' takes no text", "send a token sequence"});
+  ExpectRefused(VectorRequest("tokens_rest", {{0.5f, 0.5f}}, /*width=*/2),
+                absl::StatusCode::kInvalidArgument,
+                {"input 'ids' takes token ids, not vectors"});
+  ASSERT_TRUE(HasExample()) << kMissingExample;
+  ExpectRefused(VectorRequest("brackets", {{0.5f, 0.5f}}, /*width=*/2),
+                absl::StatusCode::kInvalidArgument,
+                {"takes token ids or text, not vectors"});
+}
+
+// A refusal that only the running net can make (its layer needs two
+// elements) names the layer and the instance, and fails only that request.
+TEST_F(DaemonTest, SequenceTooShortForALayerIsInvalidAndNamed) {
+  ExpectRefused(TokenRequest("tokens_rest", {{1, 2, 3}, {2}}),
+                absl::StatusCode::kInvalidArgument,
+                {"layer 'rest' (SequenceRestLayer)", "at least 2 elements",
+                 "instance 1 has 1"});
+  absl::StatusOr<v1::InferResponse> served =
+      client().Infer(TokenRequest("tokens_rest", {{1, 2, 3}, {3, 0}}));
+  ASSERT_TRUE(served.ok()) << served.status();
+  ASSERT_EQ(served->results_size(), 2);
+  // Rows of embedding.weight: id 3 is {6, 7}, id 0 is {0, 1}.
+  EXPECT_THAT(served->results(0).outputs(0).tensor().values(),
+              ElementsAre(6.0f, 7.0f));
+  EXPECT_THAT(served->results(1).outputs(0).tensor().values(),
+              ElementsAre(0.0f, 1.0f));
 }
 
 TEST_F(DaemonTest, RequestWithoutInstancesIsInvalid) {
