@@ -368,6 +368,31 @@ def _case_bilstm_2layer(rng):
                        [("output", _module_ref(lstm, vectors))])
 
 
+def _case_rnn_relu_stack_2(rng):
+    rnn = nn.RNN(IN, HIDDEN, num_layers=2, nonlinearity="relu", batch_first=True)
+    seqs = _seqs(rng, _graph_lengths(rng), IN)
+    return _chain_case(_vectors_net([rnn]), [_vector_input(seqs)],
+                       [("output", _module_ref(rnn, seqs))])
+
+
+def _case_bigru_3layer(rng):
+    # Stacked bidirectional GRU, batch-major, with inter-layer dropout
+    # (ignored at inference).
+    gru = nn.GRU(IN, HIDDEN, num_layers=3, bidirectional=True, batch_first=True,
+                 dropout=0.5)
+    seqs = _seqs(rng, _graph_lengths(rng), IN)
+    return _chain_case(_vectors_net([gru]), [_vector_input(seqs)],
+                       [("output", _module_ref(gru, seqs))])
+
+
+def _case_birnn_2layer(rng):
+    rnn = nn.RNN(IN, HIDDEN, num_layers=2, nonlinearity="tanh",
+                 bidirectional=True)
+    seqs = _seqs(rng, _graph_lengths(rng), IN)
+    return _chain_case(_vectors_net([rnn]), [_vector_input(seqs)],
+                       [("output", _module_ref(rnn, seqs))])
+
+
 def _case_bigru(rng):
     gru = nn.GRU(IN, HIDDEN, bidirectional=True)
     linear = nn.Linear(2 * HIDDEN, 3)
@@ -1198,7 +1223,8 @@ def _case_graph_arith(rng):
 def _graph_cases():
     """(name, builder) for every graph case, in manifest order."""
     names = [
-        "lstm_stack_2", "gru_stack_3", "bilstm_2layer", "bigru",
+        "lstm_stack_2", "gru_stack_3", "rnn_relu_stack_2", "bilstm_2layer",
+        "bigru", "bigru_3layer", "birnn_2layer",
         "bidirectional_total", "bidirectional_mean", "bidirectional_mixed",
         "bidirectional_nested", "bidirectional_last", "map",
         "fold_mgu", "foldlist_mgu", "fold_peephole_lstm", "foldlist_indrnn",
