@@ -5,6 +5,7 @@
 """
 
 import os
+import re
 import sys
 import tempfile
 import unittest
@@ -213,6 +214,63 @@ class RoundTrip(unittest.TestCase):
             rx.SequenceNet([nn.LSTM(4, 4, proj_size=2)])
         with self.assertRaises(ValueError):
             rx.SequenceNet([nn.LSTM(4, 6, bidirectional=True), nn.Linear(6, 2)])
+
+    def test_refusals_name_the_module(self):
+        cases = [
+            ([nn.Linear(4, 4), nn.ELU(alpha=0.5)], "nn.ELU with alpha != 1"),
+            ([nn.Linear(4, 4), nn.Softplus(beta=2.0)],
+             "nn.Softplus with beta != 1"),
+            ([nn.Linear(4, 4), nn.GELU(approximate="tanh")],
+             "nn.GELU with approximate='tanh'"),
+            ([nn.Linear(4, 4), nn.Softmax(dim=0)],
+             "nn.Softmax must use dim=-1"),
+            ([nn.Linear(4, 4), nn.Embedding(4, 4)],
+             "nn.Embedding must be the first module, found at position 1"),
+            ([nn.Embedding(4, 4, max_norm=1.0)], "nn.Embedding with max_norm"),
+            ([type("MyLinear", (nn.Linear,), {})(4, 4)],
+             "unsupported module at position 0"),
+            ([nn.RNN(4, 4), nn.Linear(5, 2)],
+             "nn.Linear at position 1 expects 5 inputs but receives 4"),
+        ]
+        for modules, message in cases:
+            with self.subTest(message=message):
+                with self.assertRaisesRegex(ValueError, re.escape(message)):
+                    rx.SequenceNet(modules, input_width=4)
+
+    def test_bad_labels_and_alphabets_are_refused(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        classifier = rx.SequenceNet([nn.Embedding(5, 4), nn.LSTM(4, 3),
+                                     rx.SequenceLast(), nn.Linear(3, 2),
+                                     nn.Softmax(dim=-1)])
+        logits = rx.SequenceNet([nn.Linear(4, 2)], input_width=4)
+        graph = rx.GraphNet(inputs=[("x", "vectors", 4)],
+                            nodes=[("head", nn.Linear(4, 2), ["x"])],
+                            outputs=[("y", "head")])
+        cases = [
+            (logits, dict(labels=["a", "b"]), "class labels need a net that "
+             "ends in nn.Softmax"),
+            (classifier, dict(labels=["a", "b", "c"]),
+             "3 labels for an output of width 2"),
+            (classifier, dict(labels=["a", "a"]), "the labels repeat a name"),
+            (logits, dict(alphabet="ab"),
+             "an alphabet needs a net that starts with nn.Embedding"),
+            (classifier, dict(alphabet="aba"), "the alphabet repeats a character"),
+            (classifier, dict(alphabet="abcdef"),
+             "the alphabet needs 6 token ids but the embedding has vocab_size 5"),
+            (classifier, dict(alphabet="aB", ignore_case=True),
+             "ignore_case needs a lower-case alphabet"),
+            (classifier, dict(output_name="input"),
+             "the output cannot be named 'input'"),
+            (graph, dict(labels=["a", "b"]),
+             "labels and alphabets are not supported for a GraphNet"),
+        ]
+        for net, options, message in cases:
+            with self.subTest(message=message):
+                with self.assertRaisesRegex(ValueError, re.escape(message)):
+                    rx.write_net(net, os.path.join(tmp.name, "v"), "m", **options)
+        self.assertFalse(os.path.exists(os.path.join(tmp.name, "v")),
+                         "a refused export wrote files")
 
 
 def _pack_run(module, x, lengths):
