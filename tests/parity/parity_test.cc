@@ -58,7 +58,8 @@ TEST_P(PyTorchParity, EachInstanceAloneEqualsItsRowsInTheBatch) {
     for (size_t o = 0; o < whole.outputs.size(); ++o) {
       const OutputBatch& w = whole.outputs[o];
       const std::vector<float>& got = alone.outputs[o].values;
-      ASSERT_EQ(got.size(), alone.outputs[o].lengths[0] * w.width)
+      ASSERT_EQ(got.size(),
+                static_cast<size_t>(alone.outputs[o].lengths[0] * w.width))
           << "instance " << i << " output " << o;
       for (size_t k = 0; k < got.size(); ++k) {
         ASSERT_EQ(got[k], w.values[row[o] * w.width + k])
