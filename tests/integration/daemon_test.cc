@@ -399,9 +399,9 @@ outputs {
 outputs { name: "final" source: "gru.state" }
 )";
 
-// Token ids without an encoder, through a layer that refuses, while the
-// net runs, a sequence too short for it: each element after the first,
-// the last of those.
+// A token input without an encoder. The net embeds each id and outputs the
+// last of the elements after the first (SequenceRest, then SequenceLast);
+// SequenceRest refuses a one-element sequence while the net runs.
 constexpr char kTokensNet[] = R"(name: "tokens_rest"
 inputs { name: "ids" kind: TOKEN_SEQUENCE vocab_size: 4 }
 layers { name: "embedding" type: "EmbeddingLayer" size: 2 }
