@@ -824,6 +824,8 @@ def _case_attention_dot(rng):
 
 
 def _case_attention_general(rng):
+    # Scores over the GRU's states, weights applied to the raw elements (a
+    # values sequence of another width than the keys).
     arrays = _Arrays(rng)
     query_width = 6
     gru = arrays.recurrent("gru", 3, HIDDEN, IN)
@@ -833,14 +835,15 @@ def _case_attention_general(rng):
     spec = {"name": "attention_general",
             "inputs": [_seq_input("input", IN), _vec_input("query", query_width)],
             "layers": [_layer("gru", "GatedRecurrentLayer", size=HIDDEN),
-                       _layer("att", "AttentionLayer", ["keys=gru", "query=query"],
+                       _layer("att", "AttentionLayer",
+                              ["keys=gru", "query=query", "values=input"],
                               score="general")],
             "outputs": [{"name": "output", "source": "att.output"},
                         {"name": "weights", "source": "att.weights"}]}
     contexts, weights = [], []
     for b, x in enumerate(seqs):
         keys = _recurrent_ref("gru", _f64(x), gru)[0]
-        c, a = _attention(keys @ w.T @ _f64(query[b]), keys)
+        c, a = _attention(keys @ w.T @ _f64(query[b]), _f64(x))
         contexts.append(c)
         weights.append(a)
     return _graph_case(spec, arrays, [_vector_input(seqs), ("query", "vector", query)],
