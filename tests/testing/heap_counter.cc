@@ -5,7 +5,6 @@
 
 #include <atomic>
 #include <cstddef>
-#include <cstddef>
 #include <cstdlib>
 #include <new>
 
