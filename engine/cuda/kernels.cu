@@ -127,13 +127,16 @@ __global__ void SoftmaxKernel(const float* __restrict__ x,
   for (int64_t j = threadIdx.x; j < width; j += blockDim.x) out[j] *= inv;
 }
 
+__device__ float CombineOne(Combine op, float u, float v) {
+  return op == Combine::kAdd ? u + v
+                             : (op == Combine::kMultiply ? u * v : u - v);
+}
+
 __global__ void CombineKernel(Combine op, const float* a, const float* b,
                               float* y, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
-    const float u = a[i], v = b[i];
-    y[i] = op == Combine::kAdd ? u + v
-                               : (op == Combine::kMultiply ? u * v : u - v);
+    y[i] = CombineOne(op, a[i], b[i]);
   }
 }
 
@@ -143,9 +146,7 @@ __global__ void CombineRowsKernel(Combine op, const float* x,
   const int64_t n = rows * width;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
-    const float u = x[i], w = v[i % width];
-    y[i] = op == Combine::kAdd ? u + w
-                               : (op == Combine::kMultiply ? u * w : u - w);
+    y[i] = CombineOne(op, x[i], v[i % width]);
   }
 }
 
