@@ -7,7 +7,6 @@
 #include <string>
 #include <vector>
 
-#include "engine/buffer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/heap_counter.h"
@@ -183,17 +182,15 @@ TEST_P(StepRunnerTest, WarmStepsAllocateNothing) {
   }
   ASSERT_TRUE((*runner)->Step(x.data(), most, pointers).ok());
 
-  const int64_t heap = testing_util::HeapAllocationCount();
-  const int64_t buffers = BufferAllocationCount();
   bool ok = true;
-  for (int64_t rows : {most, int64_t{5}, int64_t{1}, most, int64_t{8}}) {
-    ok = ok && (*runner)->Step(x.data(), rows, pointers).ok();
-  }
-  const int64_t heap_blocks = testing_util::HeapAllocationCount() - heap;
-  const int64_t buffer_blocks = BufferAllocationCount() - buffers;
+  const testing_util::Allocations warm = testing_util::AllocationsDuring([&] {
+    for (int64_t rows : {most, int64_t{5}, int64_t{1}, most, int64_t{8}}) {
+      ok = ok && (*runner)->Step(x.data(), rows, pointers).ok();
+    }
+  });
   ASSERT_TRUE(ok);
-  EXPECT_EQ(heap_blocks, 0) << "operator new calls in warm steps";
-  EXPECT_EQ(buffer_blocks, 0) << "workspace allocations in warm steps";
+  EXPECT_EQ(warm.heap_blocks, 0) << "operator new calls in warm steps";
+  EXPECT_EQ(warm.buffer_blocks, 0) << "workspace allocations in warm steps";
 }
 
 INSTANTIATE_TEST_SUITE_P(Recurrences, StepRunnerTest,

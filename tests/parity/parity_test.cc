@@ -9,7 +9,6 @@
 #include <string>
 #include <vector>
 
-#include "engine/buffer.h"
 #include "engine/layer.h"
 #include "engine/model.h"
 #include "gtest/gtest.h"
@@ -98,18 +97,15 @@ TEST_P(PyTorchParity, WarmRunsAllocateNothing) {
     ASSERT_TRUE(net.Run(*batch, &exec, &out).ok());
   }
 
-  const int64_t heap = testing_util::HeapAllocationCount();
-  const int64_t buffers = BufferAllocationCount();
   bool ok = true;
-  for (const NetInputs* batch : batches) {
-    ok = ok && net.Run(*batch, &exec, &out).ok();
-  }
-  const int64_t heap_blocks = testing_util::HeapAllocationCount() - heap;
-  const int64_t buffer_blocks = BufferAllocationCount() - buffers;
-
+  const testing_util::Allocations warm = testing_util::AllocationsDuring([&] {
+    for (const NetInputs* batch : batches) {
+      ok = ok && net.Run(*batch, &exec, &out).ok();
+    }
+  });
   ASSERT_TRUE(ok);
-  EXPECT_EQ(heap_blocks, 0) << "operator new calls in warm runs";
-  EXPECT_EQ(buffer_blocks, 0) << "workspace allocations in warm runs";
+  EXPECT_EQ(warm.heap_blocks, 0) << "operator new calls in warm runs";
+  EXPECT_EQ(warm.buffer_blocks, 0) << "workspace allocations in warm runs";
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, PyTorchParity,
